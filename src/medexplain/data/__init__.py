@@ -1,0 +1,1 @@
+"""Data: the aligned synthetic benchmark with ground truth, and user files."""

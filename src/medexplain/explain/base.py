@@ -1,0 +1,241 @@
+"""The explainer contract, the registry, and the guard that leaves the model untouched.
+
+Contract (DESIGN.md): ``maps = Explainer(model, **params)(x, target)``
+
+- ``x``: ``(B, C, *spatial)``, spatial ``(H, W)`` or ``(D, H, W)``;
+- ``target``: an int, a tensor of B ints, or None (the predicted class);
+- ``maps``: float32 ``(B, 1, *spatial)`` at input resolution, higher = more evidence for
+  the target (signed methods keep their sign);
+- batch-invariant (N images at once equal N single calls), memory bounded by an internal
+  ``batch_size`` for the forward passes a method makes, deterministic for a given ``seed``;
+- the model is left exactly as found: train/eval flags, ``requires_grad``, hooks.
+
+Subclasses implement :meth:`Explainer.attribute` and register with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..scores import as_targets, check_targets
+from ..spatial import spatial_dims_of
+
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
+def _hook_ids(model: nn.Module) -> dict[tuple[int, str], set[int]]:
+    ids = {}
+    for index, module in enumerate(model.modules()):
+        for attr in HOOK_DICTS:
+            hooks = getattr(module, attr, None)
+            if hooks is not None:
+                ids[(index, attr)] = set(hooks.keys())
+    return ids
+
+
+@contextmanager
+def model_guard(model: nn.Module, eval_mode: bool = True, freeze: bool = True) -> Iterator[None]:
+    """Run a block with the model in eval mode and frozen parameters, then restore it exactly.
+
+    Restores every module's ``training`` flag and every parameter's ``requires_grad``, and
+    removes any hook a library registered inside the block but failed to remove.
+    Freezing the parameters means backward passes only compute input gradients (cheaper)
+    and never accumulate into ``param.grad``.
+    """
+    modules = list(model.modules())
+    training_flags = [m.training for m in modules]
+    params = list(model.parameters())
+    requires_grad = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    hooks_before = _hook_ids(model)
+    try:
+        if eval_mode:
+            model.eval()
+        if freeze:
+            for p in params:
+                p.requires_grad_(False)
+        yield
+    finally:
+        for module, flag in zip(modules, training_flags):
+            module.training = flag
+        for p, flag, grad in zip(params, requires_grad, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+        for index, module in enumerate(model.modules()):
+            for attr in HOOK_DICTS:
+                hooks = getattr(module, attr, None)
+                if hooks is None:
+                    continue
+                for key in set(hooks.keys()) - hooks_before.get((index, attr), set()):
+                    del hooks[key]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a parameter-free model)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class Explainer(ABC):
+    """Base class of every image-wise explainer.
+
+    Parameters common to all: ``batch_size`` bounds how many images one forward pass
+    carries; ``seed`` makes random methods deterministic. Subclasses add their own
+    hyper-parameters (defaults from the papers, see METHODS.md) as keyword arguments.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: False for methods whose map is unsigned by construction (masks, |x_s - x_a|).
+    signed: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, *, batch_size: int = 32, seed: int = 0) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    def __call__(self, x: torch.Tensor, target: int | torch.Tensor | None = None) -> torch.Tensor:
+        spatial_dims_of(x, "x")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+        x = x.to(self.device, torch.float32)
+        with model_guard(self.model):
+            logits_cache: dict[str, torch.Tensor] = {}
+
+            def logits() -> torch.Tensor:
+                if "out" not in logits_cache:
+                    with torch.no_grad():
+                        logits_cache["out"] = torch.cat(
+                            [self.model(part) for part in torch.split(x, self.batch_size)]
+                        )
+                return logits_cache["out"]
+
+            targets = as_targets(target, x.shape[0], device=x.device, logits=logits)
+            num_outputs = logits().shape[1]
+            check_targets(targets, num_outputs)
+            maps = self.attribute(x, targets)
+        expected = (x.shape[0], 1, *x.shape[2:])
+        if tuple(maps.shape) != expected:
+            raise RuntimeError(
+                f"{type(self).__name__} returned maps of shape {tuple(maps.shape)}, "
+                f"expected {expected}"
+            )
+        return maps.detach().to(torch.float32)
+
+    @abstractmethod
+    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Maps ``(B, 1, *spatial)`` for images ``x`` ``(B, C, *spatial)`` and targets ``(B,)``.
+
+        Called inside :func:`model_guard` (model in eval mode, parameters frozen), with x on
+        the model's device and targets already validated.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(batch_size={self.batch_size}, seed={self.seed})"
+
+
+ExplainerFactory = Callable[..., Explainer]
+
+_REGISTRY: dict[str, type[Explainer]] = {}
+_WRAPPERS: dict[str, Callable[..., Explainer]] = {}
+
+
+def register(name: str, description: str) -> Callable[[type[Explainer]], type[Explainer]]:
+    """Class decorator: make an explainer available to :func:`create` under ``name``."""
+
+    def decorate(cls: type[Explainer]) -> type[Explainer]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"an explainer named {name!r} is already registered")
+        cls.name = name
+        cls.description = description
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def register_wrapper(prefix: str, description: str) -> Callable[[Callable], Callable]:
+    """Register ``prefix`` so that ``create("prefix:inner", model, ...)`` calls
+    ``wrapper(inner_name, model, **params)``."""
+
+    def decorate(fn: Callable[..., Explainer]) -> Callable[..., Explainer]:
+        fn.description = description  # type: ignore[attr-defined]
+        _WRAPPERS[prefix] = fn
+        return fn
+
+    return decorate
+
+
+def create(name: str, model: nn.Module, **params: Any) -> Explainer:
+    """Build the explainer registered as ``name`` for ``model`` with the given parameters.
+
+    ``name`` may be ``"wrapper:inner"`` (e.g. ``"augmented:integrated_gradients"``).
+    """
+    if ":" in name:
+        prefix, inner = name.split(":", 1)
+        if prefix not in _WRAPPERS:
+            raise KeyError(f"unknown explainer wrapper {prefix!r}; known: {sorted(_WRAPPERS)}")
+        return _WRAPPERS[prefix](inner, model, **params)
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown explainer {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](model, **params)
+
+
+def available() -> dict[str, str]:
+    """Registered explainer names with one-line descriptions (wrappers as ``prefix:<name>``)."""
+    names = {name: cls.description for name, cls in sorted(_REGISTRY.items())}
+    for prefix, fn in sorted(_WRAPPERS.items()):
+        names[f"{prefix}:<name>"] = fn.description  # type: ignore[attr-defined]
+    return names
+
+
+def explainer_class(name: str) -> type[Explainer]:
+    """The class registered as ``name`` (KeyError with the list of names otherwise)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown explainer {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A torch.Generator on ``device`` seeded with ``seed``."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def per_image_noise(
+    shape: tuple[int, ...], batch: int, seed: int, device: torch.device | str, std: float = 1.0
+) -> torch.Tensor:
+    """Gaussian noise ``(batch, *shape)`` where every image gets the same draw for a seed.
+
+    Used by random methods so that an image's result never depends on what else is in its
+    batch (the batch-invariance contract): the noise is drawn once per image shape from a
+    generator seeded by ``seed`` and broadcast over the batch.
+    """
+    generator = seeded_generator(seed, device)
+    noise = torch.randn(shape, generator=generator, device=device) * std
+    return noise.unsqueeze(0).expand(batch, *shape)

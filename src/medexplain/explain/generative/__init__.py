@@ -1,0 +1,1 @@
+"""Learned explainers that edit the image: similar/adversarial generators, warping simulators."""

@@ -1,0 +1,1 @@
+"""Classifiers: small 2D/3D CNNs, one training loop, checkpoints."""
