@@ -60,7 +60,9 @@ def as_targets(
         raise TypeError(f"target must hold integer class indices, got dtype {tensor.dtype}")
     tensor = tensor.long().flatten() if tensor.dim() <= 1 else tensor
     if tensor.dim() != 1:
-        raise ValueError(f"target must be an int or a 1D tensor of B ints, got {tuple(tensor.shape)}")
+        raise ValueError(
+            f"target must be an int or a 1D tensor of B ints, got {tuple(tensor.shape)}"
+        )
     if tensor.numel() == 1 and batch > 1:
         tensor = tensor.expand(batch)
     if tensor.numel() != batch:

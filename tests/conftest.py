@@ -1,0 +1,73 @@
+"""Shared fixtures: the default 2D benchmark and a classifier trained on it once per run.
+
+The trained classifier is cached in ``tests/.cache`` (keyed by its configuration) so the
+xdist workers and later runs share one training; a lock file makes one worker train while
+the other waits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+CACHE = Path(__file__).parent / ".cache"
+
+# One configuration for every test that needs "the benchmark classifier".
+BENCH2D = dict(n=1200, dims=2, size=64, seed=0)
+TRAIN2D = dict(epochs=15, batch_size=64, lr=3e-3, seed=0, max_seconds=120)
+
+
+class _FileLock:
+    def __init__(self, path: Path, timeout: float = 900.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                return self
+            except FileExistsError:
+                if time.time() - start > self.timeout:
+                    raise TimeoutError(f"waited too long for {self.path}") from None
+                time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def bench2d():
+    """The default 2D benchmark as (train, val, test) SyntheticBenchmark parts."""
+    from medexplain.data.synthetic import make_benchmark
+
+    return make_benchmark(**BENCH2D).split()
+
+
+@pytest.fixture(scope="session")
+def classifier2d(bench2d):
+    """A SmallCNN trained on ``bench2d`` (eval mode, CPU), cached across workers and runs."""
+    from medexplain.models.checkpoint import load_checkpoint, save_checkpoint
+    from medexplain.models.cnn import CNNConfig, build_classifier
+    from medexplain.models.train import train_classifier
+
+    train, val, _ = bench2d
+    key = "_".join(f"{k}{v}" for k, v in sorted({**BENCH2D, **TRAIN2D}.items()))
+    path = CACHE / f"classifier2d_{key}.pt"
+    with _FileLock(CACHE / "classifier2d.lock"):
+        if not path.exists():
+            config = CNNConfig(in_channels=1, num_classes=len(train.class_names), spatial_dims=2)
+            model = build_classifier(config)
+            train_classifier(model, train.dataset(), val.dataset(), progress=False, **TRAIN2D)
+            save_checkpoint(path, model, extra={"class_names": list(train.class_names)})
+    model, _ = load_checkpoint(path)
+    return model.eval()
