@@ -1,0 +1,127 @@
+"""Fast parameters for every registered explainer, used by the cross-cutting tests.
+
+One table (``CONFIGS``) drives ``tests/test_contract.py`` (the shared contract every explainer
+must meet, on tiny 2D and 3D CNNs) and ``tests/test_third_party.py`` (MONAI DenseNet121), in
+the spirit of Captum's ``captum/testing/attr/helpers/test_config.py``. Every name in
+``medexplain.explain.available()`` MUST have an entry: the contract test fails otherwise. A
+method you register is then tested automatically.
+
+Add ONE entry per method to the ``CONFIGS`` dict literal below, keyed by the registered name
+(wrappers by their template, e.g. ``"augmented:<name>"``). Every key is optional:
+
+``params``   dict of keyword arguments for ``create(name, model, **params)``: the cheapest
+             values that still exercise the method (e.g. ``n_steps=8``). The tests add
+             ``batch_size=2`` unless you set it (so a batch of 3 images is split into chunks).
+``factory``  ``factory(model, dims) -> Explainer`` builds the explainer instead of
+             ``create``; needed for learned explainers (build AND fit them here, on a few
+             synthetic images, in a few seconds) and for wrapper templates (e.g.
+             ``lambda model, dims: create("augmented:saliency", model, n_augment=2)``). If the
+             factory has a keyword parameter ``input_shape`` it also receives the
+             ``(C, *spatial)`` shape of the test images. It must not modify ``model``.
+``tol``      batch-invariance / target-form tolerance: the largest allowed absolute
+             difference divided by the largest ``|value|`` of the reference map
+             (default ``DEFAULT_TOL``). Loosen it for methods that optimise in float32.
+``dims``     spatial dims the method supports (default ``(2, 3)``).
+``slow``     True marks the method's contract tests ``@pytest.mark.slow`` (> 20 s).
+``third_party``  False skips the MONAI DenseNet121 test for the method (give the reason in a
+             comment); default True.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from medexplain.explain import Explainer, create
+
+DEFAULT_TOL = 1e-4
+#: The tests call explainers with this internal batch size unless ``params`` sets one.
+TEST_BATCH_SIZE = 2
+#: Image shapes (C, *spatial) of the contract test's tiny CNNs (2 channels in 2D so the
+#: channel reduction is exercised).
+INPUT_SHAPES = {2: (2, 20, 20), 3: (1, 10, 10, 10)}
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "saliency": {"params": {}},
+    "input_x_gradient": {"params": {}},
+    "integrated_gradients": {"params": {"n_steps": 8}},
+    "smoothgrad": {"params": {"n_samples": 4}},
+    "gradcam": {"params": {}},
+    # Half-image windows, quarter-image stride: 3 positions per dim on the test sizes.
+    "occlusion": {"params": {"window_fraction": 0.5}},
+    # Learned: fit one epoch on a few random images in the factory (explain/generative).
+    "similar_adversarial": {
+        "factory": lambda model, dims, input_shape: fit_tiny_similar_adversarial(model, input_shape)
+    },
+    # Wrapper template: two random rotations/zooms/flips around saliency (explain/augment.py).
+    "augmented:<name>": {
+        "factory": lambda model, dims: create("augmented:saliency", model, n=2, batch_size=2)
+    },
+}
+
+KNOWN_KEYS = {"params", "factory", "tol", "dims", "slow", "third_party"}
+
+
+def config_for(name: str) -> dict[str, Any]:
+    """The table entry for ``name``; a clear error when it is missing or malformed."""
+    if name not in CONFIGS:
+        raise LookupError(
+            f"explainer {name!r} is registered but has no entry in tests/explainer_configs.py: "
+            f"add CONFIGS[{name!r}] = {{'params': {{...fast parameters...}}}} (see the top of "
+            "that file for the format)"
+        )
+    entry = CONFIGS[name]
+    unknown = set(entry) - KNOWN_KEYS
+    if unknown:
+        raise KeyError(f"CONFIGS[{name!r}] has unknown keys {sorted(unknown)}; known {KNOWN_KEYS}")
+    return entry
+
+
+def tolerance(name: str) -> float:
+    return float(config_for(name).get("tol", DEFAULT_TOL))
+
+
+def build_explainer(
+    name: str, model: nn.Module, dims: int, input_shape: tuple[int, ...]
+) -> Explainer:
+    """Build the explainer ``name`` for ``model`` with the table's fast parameters."""
+    entry = config_for(name)
+    factory: Callable[..., Explainer] | None = entry.get("factory")
+    if factory is not None:
+        if "input_shape" in inspect.signature(factory).parameters:
+            return factory(model, dims, input_shape=tuple(input_shape))
+        return factory(model, dims)
+    if ":" in name:
+        raise LookupError(
+            f"CONFIGS[{name!r}] is a wrapper template: give it a 'factory' that creates a "
+            "concrete wrapped explainer, e.g. create('augmented:saliency', model)"
+        )
+    params = {"batch_size": TEST_BATCH_SIZE, **entry.get("params", {})}
+    return create(name, model, **params)
+
+
+def fit_tiny_similar_adversarial(model: nn.Module, input_shape: tuple[int, ...]) -> Explainer:
+    """A similar/adversarial explainer fitted for one epoch on 6 random images (a few
+    seconds). Targets other than the prediction are accepted silently (``other_target``):
+    the contract tests call with arbitrary targets; the warning is tested in
+    tests/test_similar_adversarial.py."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from medexplain.explain.generative.similar_adversarial import SimilarAdversarial
+
+    x = torch.rand((6, *input_shape), generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(x, torch.zeros(6, dtype=torch.long))
+    explainer = SimilarAdversarial(
+        model,
+        widths=(4, 8),
+        epochs=1,
+        train_batch_size=3,
+        lr=1e-2,
+        other_target="ignore",
+        batch_size=TEST_BATCH_SIZE,
+    )
+    return explainer.fit(data, progress=False)
