@@ -104,7 +104,9 @@ def rank_pixels(saliency: torch.Tensor, generator: torch.Generator | None = None
     Returns a long tensor of the same shape. Ties keep a deterministic order (stable sort on
     the flattened index) unless ``generator`` is given, in which case ties are broken randomly.
     """
-    flat = saliency.flatten(1).float()
+    flat = saliency.flatten(1)
+    if not flat.dtype.is_floating_point:
+        flat = flat.float()
     if generator is not None:
         perm = torch.randperm(flat.shape[1], generator=generator, device="cpu").to(flat.device)
         order_in_perm = torch.argsort(-flat[:, perm], dim=1, stable=True)

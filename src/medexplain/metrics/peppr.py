@@ -1,0 +1,649 @@
+"""PEPPR: Progressive Erasing Plus Progressive Restoration (Engelmann et al., METHODS.md §1).
+
+A global map ranks pixel positions, most important first (for aligned images a position
+means the same anatomy in every image). For fractions ``f = 0, 1/n_steps, ..., 1``:
+
+- erase: the top-``f`` pixels of every evaluation image are replaced by the fill, the
+  model is run and dataset metrics are computed (AUC-ROC one-vs-rest per label, macro mean
+  as the headline, and accuracy);
+- restore: every image starts as the fill and its top-``f`` pixels are restored.
+
+The same curves with random pixel orders (one order per seed, shared by all images) are
+the control. A faithful map makes erase fall faster and restore rise faster than random,
+so ``erase_area - random_erase_area < 0`` and ``restore_area - random_restore_area > 0``.
+The paper fixes neither the fill, the grid nor the summary number: fill defaults to the
+dataset mean image (natural for aligned data; "zero", "blur" or a tensor also work), the
+grid has ``n_steps + 1 = 21`` points, and the summary is the trapezoid area over ``f``.
+
+Pixel ``k``-counts follow :func:`medexplain.perturb.top_fraction_mask`
+(``k = ceil(f * n)``), ranks follow :func:`medexplain.perturb.rank_pixels` (ties in the
+map are broken by flattened position, deterministically).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..explain.base import model_device, model_guard
+from ..perturb import apply_mask, make_baseline, rank_pixels, top_fraction_mask
+from ..scores import probabilities
+from .auc import rank_auroc
+
+FILLS = ("mean", "zero", "blur")
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _area(fractions: np.ndarray, curve: np.ndarray) -> float:
+    return float(np.trapezoid(curve, fractions))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+@dataclass
+class PepprCurves:
+    """Erase/restore curves of one metric along ``fractions`` ``(F,)``.
+
+    ``erase``/``restore``: ``(F,)`` with the ranking map; ``random_erase``/``random_restore``:
+    ``(R, F)``, one row per random seed. NaN where the metric is undefined (an AUC with
+    one class only).
+    """
+
+    fractions: np.ndarray
+    erase: np.ndarray
+    restore: np.ndarray
+    random_erase: np.ndarray
+    random_restore: np.ndarray
+
+    @staticmethod
+    def _std(rows: np.ndarray) -> np.ndarray:
+        if rows.shape[0] < 2:
+            return np.zeros(rows.shape[1:])
+        return rows.std(axis=0, ddof=1)
+
+    @property
+    def random_erase_mean(self) -> np.ndarray:
+        return self.random_erase.mean(axis=0)
+
+    @property
+    def random_erase_std(self) -> np.ndarray:
+        return self._std(self.random_erase)
+
+    @property
+    def random_restore_mean(self) -> np.ndarray:
+        return self.random_restore.mean(axis=0)
+
+    @property
+    def random_restore_std(self) -> np.ndarray:
+        return self._std(self.random_restore)
+
+    def areas(self) -> dict[str, float]:
+        """Trapezoid areas over the fraction axis and their differences to random.
+
+        Random areas are the mean (and sample std) over seeds of each seed's area.
+        """
+        f = self.fractions
+        rand_erase = np.array([_area(f, row) for row in self.random_erase])
+        rand_restore = np.array([_area(f, row) for row in self.random_restore])
+        erase, restore = _area(f, self.erase), _area(f, self.restore)
+        out = {
+            "erase_area": erase,
+            "restore_area": restore,
+            "random_erase_area": float(rand_erase.mean()),
+            "random_erase_area_std": float(self._std(rand_erase[:, None])[0]),
+            "random_restore_area": float(rand_restore.mean()),
+            "random_restore_area_std": float(self._std(rand_restore[:, None])[0]),
+        }
+        out["erase_minus_random"] = erase - out["random_erase_area"]
+        out["restore_minus_random"] = restore - out["random_restore_area"]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "erase": self.erase,
+            "restore": self.restore,
+            "random_erase_mean": self.random_erase_mean,
+            "random_erase_std": self.random_erase_std,
+            "random_restore_mean": self.random_restore_mean,
+            "random_restore_std": self.random_restore_std,
+            "random_erase": self.random_erase,
+            "random_restore": self.random_restore,
+            **self.areas(),
+        }
+
+
+@dataclass
+class PepprResult:
+    """PEPPR curves and summary.
+
+    ``auc``: macro mean over labels of the one-vs-rest AUC-ROC (the headline);
+    ``accuracy``: dataset accuracy (label-wise ranking: mean over labels of the one-vs-rest
+    accuracy under each label's own map); ``auc_per_label``: one :class:`PepprCurves` per
+    label. The ``*_area`` properties refer to the headline AUC curves.
+    """
+
+    fractions: np.ndarray
+    class_names: tuple[str, ...]
+    auc: PepprCurves
+    accuracy: PepprCurves
+    auc_per_label: dict[str, PepprCurves]
+    n_images: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def erase_area(self) -> float:
+        return self.auc.areas()["erase_area"]
+
+    @property
+    def restore_area(self) -> float:
+        return self.auc.areas()["restore_area"]
+
+    @property
+    def random_erase_area(self) -> float:
+        return self.auc.areas()["random_erase_area"]
+
+    @property
+    def random_restore_area(self) -> float:
+        return self.auc.areas()["random_restore_area"]
+
+    @property
+    def erase_minus_random(self) -> float:
+        """``erase_area - random_erase_area`` (negative for a faithful map)."""
+        return self.auc.areas()["erase_minus_random"]
+
+    @property
+    def restore_minus_random(self) -> float:
+        """``restore_area - random_restore_area`` (positive for a faithful map)."""
+        return self.auc.areas()["restore_minus_random"]
+
+    def summary(self) -> dict[str, Any]:
+        """Areas only, JSON-safe: the headline (macro AUC) areas at the top level
+        (``erase_area``, ``random_erase_area``, ``erase_minus_random``, ...), then the same
+        per metric: ``{"auc": {...}, "accuracy": {...}, "auc_per_label": {name: {...}}}``."""
+        return _json_safe(
+            {
+                **self.auc.areas(),
+                "auc": self.auc.areas(),
+                "accuracy": self.accuracy.areas(),
+                "auc_per_label": {k: v.areas() for k, v in self.auc_per_label.items()},
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-safe plain types (NaN and inf become None)."""
+        return _json_safe(
+            {
+                "fractions": self.fractions,
+                "class_names": list(self.class_names),
+                "n_images": self.n_images,
+                "settings": self.settings,
+                "auc": self.auc.to_dict(),
+                "accuracy": self.accuracy.to_dict(),
+                "auc_per_label": {k: v.to_dict() for k, v in self.auc_per_label.items()},
+            }
+        )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _check_ranking_map(
+    ranking_map: torch.Tensor, spatial: tuple[int, ...], name: str
+) -> torch.Tensor:
+    if not isinstance(ranking_map, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor (1, *S) or a dict label -> tensor")
+    shape = tuple(ranking_map.shape)
+    extra = len(shape) - len(spatial)
+    if extra not in (0, 1, 2) or shape[extra:] != spatial or any(s != 1 for s in shape[:extra]):
+        raise ValueError(
+            f"{name} must be one global map of shape (1, {', '.join(map(str, spatial))}) "
+            f"matching the images; got {shape}"
+        )
+    if not torch.isfinite(ranking_map).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return ranking_map.reshape(1, 1, *spatial)
+
+
+def _batches(
+    images: torch.Tensor | Iterable, labels: torch.Tensor | None, batch_size: int
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(images, torch.Tensor):
+        if labels is None:
+            raise ValueError("labels are required when images is a tensor")
+        labels = torch.as_tensor(labels)
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels has {labels.shape[0]} entries for {images.shape[0]} images")
+        for start in range(0, images.shape[0], batch_size):
+            yield images[start : start + batch_size], labels[start : start + batch_size]
+    else:
+        if labels is not None:
+            raise ValueError("pass labels=None when images is an iterable of (x, y) batches")
+        for item in images:
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise ValueError("an iterable of images must yield (x, y) batches")
+            yield torch.as_tensor(item[0]), torch.as_tensor(item[1])
+
+
+def _fill_for(
+    x: torch.Tensor, fill: str | torch.Tensor, mean_image: torch.Tensor | None
+) -> torch.Tensor:
+    if isinstance(fill, torch.Tensor):
+        return make_baseline(x, fill)
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS} or a tensor, got {fill!r}")
+    return make_baseline(x, fill, mean_image=mean_image)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _truth_matrix(labels: torch.Tensor, mode: str, k: int) -> torch.Tensor:
+    if mode == "multiclass":
+        return torch.nn.functional.one_hot(labels.long(), k).bool()
+    if mode == "binary":
+        return labels.view(-1, 1).bool()
+    return labels.bool()
+
+
+def _metrics(
+    probs: torch.Tensor, labels: torch.Tensor, mode: str, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From probs ``(F, N, K)``: AUC per label ``(F, K)``, accuracy ``(F,)`` and one-vs-rest
+    accuracy per label ``(F, K)``."""
+    n_steps, n, k = probs.shape
+    truth = _truth_matrix(labels, mode, k)  # (N, K)
+    aucs = torch.stack(
+        [rank_auroc(probs[:, :, j], truth[:, j].expand(n_steps, n)) for j in range(k)], dim=1
+    )
+    if mode == "multiclass":
+        predicted = probs.argmax(dim=2)  # (F, N)
+        accuracy = (predicted == labels.view(1, -1)).double().mean(dim=1)
+        said = torch.nn.functional.one_hot(predicted, k).bool()
+    else:
+        said = probs > threshold
+        accuracy = (said == truth.unsqueeze(0)).double().mean(dim=(1, 2))
+    per_label = (said == truth.unsqueeze(0)).double().mean(dim=1)
+    return aucs, accuracy, per_label
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _fraction_counts(fractions: np.ndarray, n: int) -> torch.Tensor:
+    """Pixels in the top-f set for each fraction, exactly as top_fraction_mask counts them."""
+    ranks = torch.arange(n).view(1, n)
+    return torch.tensor([int(top_fraction_mask(ranks, float(f)).sum()) for f in fractions])
+
+
+@torch.no_grad()
+def _curve_probs(
+    model: nn.Module,
+    x: torch.Tensor,
+    fill: torch.Tensor,
+    ranks: torch.Tensor,
+    counts: torch.Tensor,
+    erase: bool,
+    batch_size: int,
+    activation: str,
+) -> torch.Tensor:
+    """Scores ``(F, b, K)`` of the b images at every step of one curve, forward passes
+    chunked to ``batch_size`` images (memory: one chunk of images and masks)."""
+    b = x.shape[0]
+    total = counts.numel() * b
+    spatial = x.shape[2:]
+    flat_ranks = ranks.view(1, -1)
+    counts = counts.to(x.device)
+    out = []
+    for start in range(0, total, batch_size):
+        idx = torch.arange(start, min(start + batch_size, total), device=x.device)
+        step, image = idx // b, idx % b
+        top = flat_ranks < counts[step].view(-1, 1)  # (chunk, n) top-f pixels
+        keep = ~top if erase else top
+        mask = keep.view(-1, 1, *spatial).to(x.dtype)
+        perturbed = apply_mask(x[image], fill[image], mask)
+        out.append(probabilities(model(perturbed), activation).double().cpu())
+    probs = torch.cat(out)
+    return probs.view(counts.numel(), b, -1)
+
+
+def peppr(
+    model: nn.Module,
+    images: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    labels: torch.Tensor | None,
+    ranking_map: torch.Tensor | Mapping[str | int, torch.Tensor],
+    *,
+    fill: str | torch.Tensor = "mean",
+    mean_image: torch.Tensor | None = None,
+    n_steps: int = 20,
+    random_seeds: int = 5,
+    batch_size: int = 64,
+    activation: str = "auto",
+    progress: bool = False,
+    class_names: Sequence[str] | None = None,
+) -> PepprResult:
+    """Erase and restore curves of a model's dataset metrics along a global pixel ranking.
+
+    Args:
+        model: classifier returning logits ``(B, K)``; left as found (eval mode inside).
+        images: ``(N, C, *S)`` evaluation images (2D or 3D), or an iterable of ``(x, y)``
+            batches (then ``labels=None``), e.g. a DataLoader for data that does not fit.
+        labels: ``(N,)`` class indices (multi-class; 0/1 for a single-logit model) or
+            ``(N, K)`` 0/1 (multi-label, sigmoid heads).
+        ranking_map: one global map ``(1, *S)`` (e.g. ``GlobalResult.overall.mean``), higher
+            = more important, used for every image; or a dict label -> map (names from
+            ``class_names`` or indices) for label-wise ranking: label ``k``'s AUC is then
+            measured along label ``k``'s map, and accuracy is the mean over the mapped labels
+            of the one-vs-rest accuracy along each label's own map.
+        fill: ``"mean"`` (dataset mean image: ``mean_image`` ``(C, *S)``, or the mean of
+            ``images`` when it is a tensor), ``"zero"``, ``"blur"``
+            (:func:`medexplain.perturb.blur_baseline` of each image) or a tensor.
+        n_steps: grid of ``n_steps + 1`` fractions from 0 to 1.
+        random_seeds: number of random pixel orders (seeds ``0..R-1``) for the control.
+        batch_size: images per forward pass and per data chunk.
+        activation: ``auto`` = softmax for multi-class, sigmoid for one logit or multi-label;
+            see :func:`medexplain.scores.probabilities`. Sigmoid-style accuracy thresholds
+            scores at 0.5 (at 0 with ``"logit"``).
+        progress: show a Rich progress bar.
+        class_names: names of the K labels (default ``"0"..."K-1"``).
+
+    Returns a :class:`PepprResult`. Cost: ``2 (n_steps + 1) (maps + random_seeds)`` forward
+    passes per image.
+    """
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if random_seeds < 1:
+        raise ValueError(
+            f"random_seeds must be >= 1 (METHODS.md asks for several), got {random_seeds}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(fill, str) and fill == "mean" and mean_image is None:
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(
+                "fill='mean' needs mean_image (C, *S) when images is an iterable of batches"
+            )
+        mean_image = images.mean(dim=0, dtype=torch.float64).to(images.dtype)
+    device = model_device(model)
+    fractions = np.linspace(0.0, 1.0, n_steps + 1)
+
+    runs: list[tuple[str, int | None, torch.Tensor]] = []  # (kind, label index, ranks)
+    label_maps: Mapping | None = ranking_map if isinstance(ranking_map, Mapping) else None
+    store: dict[int, dict[bool, list[torch.Tensor]]] = {}
+    all_labels: list[torch.Tensor] = []
+    spatial: tuple[int, ...] | None = None
+    counts = None
+    mode = None
+    names: tuple[str, ...] = ()
+    n_images = 0
+
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task(
+            "PEPPR", total=len(images) if isinstance(images, torch.Tensor) else None
+        )
+    try:
+        with model_guard(model):
+            for x, y in _batches(images, labels, batch_size):
+                if not x.dtype.is_floating_point:
+                    raise TypeError(f"images must be floating point, got {x.dtype}")
+                x = x.to(device)
+                if spatial is None:
+                    spatial = tuple(x.shape[2:])
+                    if len(spatial) not in (2, 3):
+                        raise ValueError(
+                            f"images must be (N, C, H, W) or (N, C, D, H, W); got {tuple(x.shape)}"
+                        )
+                    n_out = model(x[:1]).shape[1]
+                    mode, names, activation_used, threshold = _resolve_mode(
+                        y, n_out, activation, class_names
+                    )
+                    runs = _make_runs(ranking_map, label_maps, names, spatial, random_seeds, device)
+                    counts = _fraction_counts(fractions, math.prod(spatial))
+                    store = {i: {True: [], False: []} for i in range(len(runs))}
+                elif tuple(x.shape[2:]) != spatial:
+                    raise ValueError(
+                        f"all images must share spatial size {spatial}, got {tuple(x.shape[2:])}"
+                    )
+                _check_labels(y, mode, len(names))
+                base = _fill_for(x, fill, mean_image)
+                for i, (_, _, ranks) in enumerate(runs):
+                    for erase in (True, False):
+                        store[i][erase].append(
+                            _curve_probs(
+                                model, x, base, ranks, counts, erase, batch_size, activation_used
+                            )
+                        )
+                all_labels.append(y.cpu())
+                n_images += x.shape[0]
+                if bar is not None:
+                    bar.advance(task, x.shape[0])
+    finally:
+        if bar is not None:
+            bar.stop()
+    if n_images == 0:
+        raise ValueError("images is empty")
+
+    y_all = torch.cat(all_labels)
+    results = {}
+    for i in range(len(runs)):
+        for erase in (True, False):
+            probs = torch.cat(store[i][erase], dim=1)  # (F, N, K)
+            results[(i, erase)] = _metrics(probs, y_all, mode, threshold)
+    return _assemble(
+        runs,
+        results,
+        fractions,
+        names,
+        n_images,
+        label_maps is not None,
+        dict(
+            fill=fill if isinstance(fill, str) else "tensor",
+            n_steps=n_steps,
+            random_seeds=random_seeds,
+            activation=activation_used,
+            mode=mode,
+            labelwise=label_maps is not None,
+        ),
+    )
+
+
+def _resolve_mode(
+    y: torch.Tensor, n_out: int, activation: str, class_names: Sequence[str] | None
+) -> tuple[str, tuple[str, ...], str, float]:
+    if y.dim() == 2:
+        mode = "multilabel"
+        if y.shape[1] != n_out:
+            raise ValueError(f"labels have {y.shape[1]} columns for a model with {n_out} outputs")
+    elif y.dim() == 1:
+        mode = "binary" if n_out == 1 else "multiclass"
+    else:
+        raise ValueError(f"labels must be (N,) or (N, K); got {tuple(y.shape)}")
+    if activation == "auto":
+        activation = "softmax" if mode == "multiclass" else "sigmoid"
+    names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(n_out))
+    if len(names) != n_out:
+        raise ValueError(f"class_names has {len(names)} names for a model with {n_out} outputs")
+    threshold = 0.0 if activation == "logit" else 0.5
+    return mode, names, activation, threshold
+
+
+def _check_labels(y: torch.Tensor, mode: str, k: int) -> None:
+    if y.dtype.is_floating_point and mode != "multilabel":
+        raise TypeError(f"labels must hold integer class indices, got {y.dtype}")
+    if mode == "multilabel" and (
+        y.dim() != 2 or y.shape[1] != k or not bool(((y == 0) | (y == 1)).all())
+    ):
+        raise ValueError(f"multi-label labels must be (N, {k}) 0/1 values")
+    if mode == "binary" and not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError("labels of a single-logit model must be 0/1")
+    if mode == "multiclass" and (y.dim() != 1 or int(y.min()) < 0 or int(y.max()) >= k):
+        raise ValueError(f"labels must be (N,) class indices in [0, {k})")
+
+
+def _make_runs(
+    ranking_map, label_maps, names, spatial, random_seeds, device
+) -> list[tuple[str, int | None, torch.Tensor]]:
+    runs: list[tuple[str, int | None, torch.Tensor]] = []
+    if label_maps is None:
+        ranking = _check_ranking_map(ranking_map, spatial, "ranking_map")
+        runs.append(("map", None, rank_pixels(ranking.to(device)).view(-1)))
+    else:
+        if not label_maps:
+            raise ValueError("ranking_map dict is empty")
+        for key, value in label_maps.items():
+            if isinstance(key, int) and not isinstance(key, bool):
+                if not 0 <= key < len(names):
+                    raise ValueError(f"ranking_map label index {key} is outside [0, {len(names)})")
+                index = key
+            elif key in names:
+                index = names.index(key)
+            else:
+                raise ValueError(f"ranking_map key {key!r} is not a label index nor one of {names}")
+            ranking = _check_ranking_map(value, spatial, f"ranking_map[{key!r}]")
+            runs.append(("map", index, rank_pixels(ranking.to(device)).view(-1)))
+    n = math.prod(spatial)
+    for seed in range(random_seeds):
+        generator = torch.Generator().manual_seed(seed)
+        runs.append(("random", None, torch.randperm(n, generator=generator).to(device)))
+    return runs
+
+
+def _assemble(runs, results, fractions, names, n_images, labelwise, settings) -> PepprResult:
+    map_runs = [i for i, r in enumerate(runs) if r[0] == "map"]
+    random_runs = [i for i, r in enumerate(runs) if r[0] == "random"]
+
+    def rows(selector, erase) -> np.ndarray:
+        return np.stack([selector(results[(i, erase)]) for i in random_runs])
+
+    per_label: dict[str, PepprCurves] = {}
+    if labelwise:
+        mapped = [(i, runs[i][1]) for i in map_runs]
+        label_list = [j for _, j in mapped]
+    else:
+        mapped = [(map_runs[0], j) for j in range(len(names))]
+        label_list = list(range(len(names)))
+    for i, j in mapped:
+        per_label[names[j]] = PepprCurves(
+            fractions,
+            results[(i, True)][0][:, j].numpy(),
+            results[(i, False)][0][:, j].numpy(),
+            rows(lambda r, j=j: r[0][:, j].numpy(), True),
+            rows(lambda r, j=j: r[0][:, j].numpy(), False),
+        )
+
+    def macro(curves: list[np.ndarray]) -> np.ndarray:
+        stacked = np.stack(curves)
+        finite = np.isfinite(stacked)
+        total = np.where(finite, stacked, 0.0).sum(axis=0)
+        count = finite.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+    def macro_rows(attr: str) -> np.ndarray:
+        return macro([getattr(per_label[names[j]], attr) for j in label_list])
+
+    auc = PepprCurves(
+        fractions,
+        macro_rows("erase"),
+        macro_rows("restore"),
+        macro_rows("random_erase"),
+        macro_rows("random_restore"),
+    )
+    if labelwise:
+        accuracy = PepprCurves(
+            fractions,
+            np.mean([results[(i, True)][2][:, j].numpy() for i, j in mapped], axis=0),
+            np.mean([results[(i, False)][2][:, j].numpy() for i, j in mapped], axis=0),
+            np.mean([rows(lambda r, j=j: r[2][:, j].numpy(), True) for j in label_list], axis=0),
+            np.mean([rows(lambda r, j=j: r[2][:, j].numpy(), False) for j in label_list], axis=0),
+        )
+    else:
+        i = map_runs[0]
+        accuracy = PepprCurves(
+            fractions,
+            results[(i, True)][1].numpy(),
+            results[(i, False)][1].numpy(),
+            rows(lambda r: r[1].numpy(), True),
+            rows(lambda r: r[1].numpy(), False),
+        )
+    return PepprResult(fractions, tuple(names), auc, accuracy, per_label, n_images, settings)
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def plot_peppr(result: PepprResult, path: str | Path, title: str | None = None) -> Path:
+    """Draw erase and restore curves (AUC and accuracy) against random order (mean ± std).
+
+    Writes a PNG (or any format matplotlib infers from ``path``) with the Agg backend and no
+    global pyplot state; returns the path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(9, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, sharex=True)
+    f = result.fractions
+    for row, (metric, curves) in enumerate(
+        (("AUC-ROC (macro)", result.auc), ("accuracy", result.accuracy))
+    ):
+        areas = curves.areas()
+        for col, which in enumerate(("erase", "restore")):
+            ax = axes[row, col]
+            mean = getattr(curves, f"random_{which}_mean")
+            std = getattr(curves, f"random_{which}_std")
+            ax.plot(
+                f,
+                getattr(curves, which),
+                color="C3",
+                lw=2,
+                label=f"global map (area {areas[f'{which}_area']:.3f})",
+            )
+            ax.plot(
+                f,
+                mean,
+                color="0.3",
+                lw=1.5,
+                ls="--",
+                label=f"random (area {areas[f'random_{which}_area']:.3f})",
+            )
+            ax.fill_between(f, mean - std, mean + std, color="0.6", alpha=0.35, lw=0)
+            ax.set_ylabel(metric)
+            ax.set_title(f"{'erasing' if which == 'erase' else 'restoring'} top pixels")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            if row == 1:
+                ax.set_xlabel("fraction of pixels")
+    fig.suptitle(title or f"PEPPR ({result.n_images} images, fill: {result.settings.get('fill')})")
+    fig.savefig(path, dpi=110)
+    return path
