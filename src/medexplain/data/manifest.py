@@ -1,0 +1,354 @@
+"""Which files make a dataset, with their labels: a CSV manifest or a folder per class.
+
+Both produce a :class:`Manifest`: a list of :class:`Record` (path, label, optional mask path,
+flip flag, the row's other columns) plus the class names. No image is opened here, so a
+manifest of 20,000 rows is read in milliseconds; file problems surface per item when the
+dataset loads them (:meth:`medexplain.data.files.ImageDataset.try_get`). Problems with the
+manifest itself (a missing column, an unknown class name, a bad flip value) raise
+:class:`~medexplain.data.readers.DataError` at once, naming the row and the column.
+
+CSV manifest (one row per image, header required, ``,`` ``;`` or tab separated)::
+
+    path,label,mask,flip,site
+    img/001.png,DR,masks/001.png,0,A
+    img/002.png,normal,,1,B
+
+- ``path``: image file (or DICOM series folder), relative to the CSV's folder or absolute.
+- single label: the ``label`` column holds class names or integer class indices;
+  multi-label: pass ``labels=["DR", "glaucoma", ...]``, columns holding 0/1 each.
+- ``mask`` (optional): a ground-truth mask file, same grid as the image; empty = none.
+- ``flip`` (optional): 1/true/yes mirrors the image left-right (e.g. right eyes in a
+  study that shows every eye as a left eye); 0/false/no/empty keeps it.
+- any other column is kept in ``Record.extra`` (group columns for global maps).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .readers import DICOM_SUFFIXES, DataError, is_dicom_file, is_image_path
+
+TRUE_VALUES = ("1", "true", "yes", "y", "t")
+FALSE_VALUES = ("0", "false", "no", "n", "f", "")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset, before loading.
+
+    ``label`` is a class index (int, -1 when unlabelled) or, for multi-label data, a tuple
+    of 0/1 floats, one per class.
+    """
+
+    path: Path
+    label: int | tuple[float, ...] = -1
+    mask: Path | None = None
+    flip: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """Records plus the class names (empty when unlabelled)."""
+
+    records: list[Record]
+    class_names: list[str]
+    multilabel: bool = False
+    source: Path | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
+
+    def targets(self) -> np.ndarray:
+        """All labels without loading images: ``(N,)`` int64 or ``(N, K)`` float32."""
+        if self.multilabel:
+            return np.asarray([r.label for r in self.records], dtype=np.float32).reshape(
+                len(self.records), len(self.class_names)
+            )
+        return np.asarray([r.label for r in self.records], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _parse_flag(value: str, where: str) -> bool:
+    text = value.strip().lower()
+    if text in TRUE_VALUES:
+        return True
+    if text in FALSE_VALUES:
+        return False
+    raise DataError(f"{where}: flip value {value!r} is not one of 0/1/true/false/yes/no")
+
+
+def _parse_int(text: str) -> int | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(os.path.expanduser(value.strip()))
+    return path if path.is_absolute() else base / path
+
+
+def _delimiter(header: str) -> str:
+    if "," in header:
+        return ","
+    for candidate in ("\t", ";"):
+        if candidate in header:
+            return candidate
+    return ","
+
+
+def read_csv_manifest(
+    csv_path: str | os.PathLike,
+    *,
+    labels: Sequence[str] | None = None,
+    label_column: str | None = "label",
+    path_column: str = "path",
+    mask_column: str = "mask",
+    flip_column: str = "flip",
+    class_names: Sequence[str] | None = None,
+) -> Manifest:
+    """Read a CSV manifest (format in the module docstring).
+
+    Args:
+        csv_path: the CSV file; relative image/mask paths are relative to its folder.
+        labels: multi-label columns (each 0/1); the class names are these column names.
+        label_column: single-label column (class names or integer indices); None reads an
+            unlabelled dataset (every label -1). Ignored when ``labels`` is given.
+        path_column, mask_column, flip_column: column names; mask and flip are optional.
+        class_names: fixes the class order for a single-label column (names in the column
+            must be among them, integers index into them). Default: integer labels name
+            classes ``"0" .. str(max)``; text labels are sorted alphabetically.
+
+    Raises:
+        DataError: missing file or column (naming the columns found), empty manifest,
+            unknown class name, bad 0/1 or flip value (naming the row).
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"manifest {csv_path} does not exist or is not a file")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read manifest {csv_path}: {error}") from error
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise DataError(f"manifest {csv_path} is empty; expected a header row with '{path_column}'")
+    reader = csv.DictReader(lines, delimiter=_delimiter(lines[0]))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    reader.fieldnames = columns
+    found = f"columns found: {columns}"
+    if path_column not in columns:
+        raise DataError(f"manifest {csv_path} has no '{path_column}' column ({found})")
+    if labels is not None:
+        labels = [str(name) for name in labels]
+        if not labels:
+            raise DataError("labels must name at least one 0/1 label column, got []")
+        missing = [name for name in labels if name not in columns]
+        if missing:
+            raise DataError(f"manifest {csv_path} lacks label column(s) {missing} ({found})")
+        used = {path_column, mask_column, flip_column, *labels}
+    elif label_column is not None:
+        if label_column not in columns:
+            raise DataError(
+                f"manifest {csv_path} has no '{label_column}' label column ({found}); pass "
+                "labels=[...] for multi-label 0/1 columns or label_column=None for unlabelled data"
+            )
+        used = {path_column, mask_column, flip_column, label_column}
+    else:
+        used = {path_column, mask_column, flip_column}
+    base = csv_path.parent
+    raw_labels: list[tuple[int, str]] = []
+    records: list[Record] = []
+    for number, row in enumerate(reader, start=2):  # row 1 is the header
+        row = {k: (v or "").strip() for k, v in row.items() if k is not None}
+        where = f"{csv_path} row {number}"
+        if not any(row.values()):
+            continue  # blank line
+        if not row.get(path_column):
+            raise DataError(f"{where}: empty '{path_column}'")
+        mask = _resolve(base, row[mask_column]) if row.get(mask_column) else None
+        flip = _parse_flag(row.get(flip_column, ""), where) if flip_column in row else False
+        label: int | tuple[float, ...] = -1
+        if labels is not None:
+            values = []
+            for name in labels:
+                value = _parse_int(row.get(name, ""))
+                if value not in (0, 1):
+                    raise DataError(
+                        f"{where}: label column '{name}' holds {row.get(name)!r}; expected 0 or 1"
+                    )
+                values.append(float(value))
+            label = tuple(values)
+        elif label_column is not None:
+            if not row.get(label_column):
+                raise DataError(f"{where}: empty '{label_column}'")
+            raw_labels.append((number, row[label_column]))
+        extra = {k: v for k, v in row.items() if k not in used}
+        records.append(Record(_resolve(base, row[path_column]), label, mask, flip, extra))
+    if not records:
+        raise DataError(f"manifest {csv_path} has a header but no rows")
+    if labels is not None:
+        return Manifest(records, list(labels), multilabel=True, source=csv_path)
+    if label_column is None:
+        return Manifest(records, [], source=csv_path)
+    indices, names = _class_indices(raw_labels, class_names, f"manifest {csv_path}", label_column)
+    records = [Record(r.path, index, r.mask, r.flip, r.extra) for r, index in zip(records, indices)]
+    return Manifest(records, names, source=csv_path)
+
+
+def _class_indices(
+    cells: list[tuple[int, str]], class_names: Sequence[str] | None, where: str, column: str
+) -> tuple[list[int], list[str]]:
+    """Map label cells ``(row number, text)`` (names or ints) to class indices; returns
+    (indices, class names)."""
+    rows = [number for number, _ in cells]
+    values = [value for _, value in cells]
+    ints = [_parse_int(v) for v in values]
+    if class_names is not None:
+        names = [str(c) for c in class_names]
+        if len(set(names)) != len(names):
+            raise DataError(f"class_names has duplicates: {names}")
+        lookup = {name: i for i, name in enumerate(names)}
+        indices = []
+        for row, value, as_int in zip(rows, values, ints):
+            if value in lookup:
+                indices.append(lookup[value])
+            elif as_int is not None and 0 <= as_int < len(names):
+                indices.append(as_int)
+            else:
+                raise DataError(
+                    f"{where} row {row}: unknown class {value!r} in '{column}'; expected one "
+                    f"of {names} or an index 0..{len(names) - 1}"
+                )
+        return indices, names
+    if all(i is not None for i in ints):
+        if min(ints) < 0:
+            raise DataError(f"{where}: negative class index {min(ints)} in '{column}'")
+        return [int(i) for i in ints], [str(i) for i in range(max(ints) + 1)]
+    names = sorted(set(values))
+    lookup = {name: i for i, name in enumerate(names)}
+    return [lookup[v] for v in values], names
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _is_series(folder: Path) -> bool:
+    """A folder whose first few visible files are DICOM (by extension or DICM magic)."""
+    files = [p for p in sorted(folder.iterdir())[:20] if p.is_file() and _visible(p)]
+    return bool(files) and any(
+        p.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(p) for p in files[:5]
+    )
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files and DICOM series subfolders directly inside ``folder``, sorted by name."""
+    out = []
+    for entry in sorted(folder.iterdir()):
+        if not _visible(entry):
+            continue
+        if entry.is_dir():
+            if _is_series(entry):
+                out.append(entry)
+        elif entry.is_file() and is_image_path(entry):
+            out.append(entry)
+    return out
+
+
+def read_folder_manifest(
+    root: str | os.PathLike,
+    *,
+    layout: str = "auto",
+    class_names: Sequence[str] | None = None,
+) -> Manifest:
+    """Scan ``root`` for images.
+
+    Layouts:
+        ``"classes"``: ``root/<class>/<image files or DICOM series folders>``; class names
+            are the folder names, sorted (or ``class_names``: then every folder must be one
+            of them, and the order is theirs).
+        ``"flat"``: image files directly in ``root`` (subfolders are DICOM series),
+            unlabelled.
+        ``"auto"``: ``"flat"`` when ``root`` directly holds image files, else ``"classes"``.
+
+    Files with unknown extensions are skipped (extensionless files are kept when they are
+    DICOM), as are hidden files.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a directory")
+    if layout not in ("auto", "classes", "flat"):
+        raise DataError(f"layout must be 'auto', 'classes' or 'flat', got {layout!r}")
+    if layout == "auto":
+        has_files = any(e.is_file() and _visible(e) and is_image_path(e) for e in root.iterdir())
+        layout = "flat" if has_files else "classes"
+    if layout == "flat":
+        records = [Record(p) for p in _images_in(root)]
+        if not records:
+            raise DataError(f"data folder {root} holds no image files")
+        return Manifest(records, [], source=root)
+    folders = sorted(e for e in root.iterdir() if e.is_dir() and _visible(e))
+    if not folders:
+        raise DataError(
+            f"data folder {root} has no class subfolders and no image files; expected "
+            "root/<class>/<images> or image files directly in it"
+        )
+    names = [f.name for f in folders]
+    if class_names is not None:
+        order = [str(c) for c in class_names]
+        unknown = [n for n in names if n not in order]
+        if unknown:
+            raise DataError(
+                f"data folder {root} has class folder(s) {unknown} that are not in "
+                f"class_names {order}"
+            )
+        names = order
+    records = []
+    for index, name in enumerate(names):
+        folder = root / name
+        if not folder.is_dir():
+            continue  # a class without images
+        records.extend(Record(p, index) for p in _images_in(folder))
+    if not records:
+        raise DataError(f"the class folders of {root} hold no image files")
+    return Manifest(records, names, source=root)
+
+
+def records_from_paths(
+    paths: Sequence[str | os.PathLike],
+    labels: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> Manifest:
+    """A manifest from explicit paths (and optional integer labels)."""
+    if labels is not None and len(labels) != len(paths):
+        raise DataError(f"got {len(paths)} paths but {len(labels)} labels")
+    if not paths:
+        raise DataError("paths is empty; expected at least one image path")
+    records = [
+        Record(Path(p), -1 if labels is None else int(labels[i])) for i, p in enumerate(paths)
+    ]
+    names = [str(c) for c in class_names] if class_names is not None else []
+    if labels is not None and not names:
+        names = [str(i) for i in range(max(int(v) for v in labels) + 1)]
+    if labels is not None:
+        bad = [int(v) for v in labels if not 0 <= int(v) < len(names)]
+        if bad:
+            raise DataError(f"label {bad[0]} is not a class index 0..{len(names) - 1} of {names}")
+    return Manifest(records, names)
