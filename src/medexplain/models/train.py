@@ -1,0 +1,565 @@
+"""One training loop for every learned piece of medexplain, and classifier helpers on top.
+
+:func:`train_loop` is generic: it knows nothing about classification. A caller gives it a
+module, ``loss_fn(batch) -> scalar`` and an iterable of batches; the classifier
+(:func:`train_classifier`) and the learned explainers (generators, warping simulators)
+all train through it, so early stopping, time limits, seeding and progress behave the
+same everywhere.
+
+Datasets for :func:`train_classifier` / :func:`evaluate_classifier` yield either tuples
+``(image, label, ...)`` or dicts with an image key (``"image"``, ``"x"`` or ``"input"``)
+and a label key (``"label"``, ``"y"`` or ``"target"``); images are ``(C, *spatial)``,
+labels are integer class indices.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import rankdata
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+IMAGE_KEYS = ("image", "x", "input")
+LABEL_KEYS = ("label", "y", "target")
+
+
+@dataclass
+class TrainHistory:
+    """What :func:`train_loop` did.
+
+    ``train_loss[e]`` is the mean of the step losses of epoch ``e``; ``val_metric[e]`` the
+    value of ``val_fn`` after that epoch (empty without ``val_fn``). ``best_epoch`` is the
+    0-based epoch whose weights the module holds at the end (the last epoch without
+    ``val_fn``). ``stopped_early`` is True when patience or ``max_seconds`` ended training
+    before ``epochs``; ``stop_reason`` says which ("completed", "patience" or "time").
+    """
+
+    train_loss: list[float]
+    val_metric: list[float]
+    best_epoch: int
+    seconds: float
+    stopped_early: bool
+    stop_reason: str = "completed"
+    steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every GPU)."""
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _seeded(module: nn.Module, seed: int) -> Iterator[None]:
+    """Seed torch's RNG for the block (dropout, global-RNG shuffling) and restore the
+    caller's RNG state afterwards, so training is deterministic without touching global
+    state."""
+    device = _module_device(module)
+    if device.type == "cpu":
+        fork = torch.random.fork_rng(devices=[])
+    else:
+        index = device.index if device.index is not None else 0
+        fork = torch.random.fork_rng(devices=[index], device_type=device.type)
+    with fork:
+        torch.manual_seed(int(seed))
+        yield
+
+
+def _progress(enabled: bool, description: str):
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value is None or (value < 0 if allow_zero else value <= 0):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def train_loop(
+    module: nn.Module,
+    loss_fn: Callable[[Any], torch.Tensor],
+    train_loader: Iterable,
+    *,
+    val_fn: Callable[[], float] | None = None,
+    higher_is_better: bool = True,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    patience: int | None = 5,
+    max_seconds: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    description: str = "training",
+    parameters: Iterable[nn.Parameter] | None = None,
+) -> TrainHistory:
+    """Train ``module`` with Adam on ``loss_fn(batch)`` for every batch of ``train_loader``.
+
+    - ``module.train()`` during the steps; ``module.eval()`` and ``torch.no_grad()`` while
+      ``val_fn()`` runs after every epoch (use ``torch.enable_grad()`` inside ``val_fn`` if
+      it needs gradients). ``train()``/``eval()`` reach every submodule: keep frozen
+      networks (e.g. the classifier an explainer learns from) outside ``module`` and call
+      them from ``loss_fn``.
+    - With ``val_fn``: the best epoch (by ``higher_is_better``; NaN never counts as best)
+      is remembered and its ``state_dict`` restored at the end, whatever ended training.
+      Training stops after ``patience`` epochs in a row without improvement (``None``:
+      never stop on patience).
+    - ``max_seconds`` is checked before every optimisation step but an epoch's first: once
+      exceeded, the current (partial) epoch is closed (validated if ``val_fn``) and
+      training stops. At least one step always runs.
+    - ``train_loader`` is iterated once per epoch, so it must be re-iterable (a
+      ``DataLoader``, a list of batches); a generator only lasts one epoch.
+    - ``seed`` seeds torch's RNG inside the loop (dropout, loaders that shuffle with the
+      global RNG); the caller's RNG state is restored afterwards.
+    - ``parameters`` restricts what Adam updates (default: every parameter of ``module``
+      that requires grad).
+
+    The module is left in eval mode. Returns a :class:`TrainHistory`.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable: loss_fn(batch) -> scalar tensor")
+    if val_fn is not None and not callable(val_fn):
+        raise TypeError("val_fn must be callable: val_fn() -> float")
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    _check_positive("lr", lr)
+    _check_positive("weight_decay", weight_decay, allow_zero=True)
+    if patience is not None and int(patience) < 1:
+        raise ValueError(f"patience must be >= 1 or None, got {patience}")
+    if max_seconds is not None:
+        _check_positive("max_seconds", max_seconds, allow_zero=True)
+    params = list(parameters) if parameters is not None else list(module.parameters())
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("there is nothing to train: no parameter requires grad")
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+    try:
+        steps_per_epoch: int | None = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = None
+    total = int(epochs) * steps_per_epoch if steps_per_epoch else int(epochs)
+
+    history = TrainHistory(
+        train_loss=[], val_metric=[], best_epoch=-1, seconds=0.0, stopped_early=False
+    )
+    best_value: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs = 0
+    start = time.perf_counter()
+
+    def out_of_time() -> bool:
+        return max_seconds is not None and time.perf_counter() - start > max_seconds
+
+    with _seeded(module, seed), _progress(progress, description) as bar:
+        task = bar.add_task(description, total=total, status="") if bar is not None else None
+        for epoch in range(int(epochs)):
+            if epoch > 0 and out_of_time():
+                history.stopped_early, history.stop_reason = True, "time"
+                break
+            module.train()
+            losses: list[float] = []
+            timed_out = False
+            for batch in train_loader:
+                if losses and out_of_time():
+                    timed_out = True
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise TypeError("loss_fn must return a scalar tensor")
+                if not torch.isfinite(loss.detach()).all():
+                    raise FloatingPointError(
+                        f"{description}: loss is {loss.item()} at epoch {epoch}, step "
+                        f"{len(losses)}; lower lr or check the data"
+                    )
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                history.steps += 1
+                if bar is not None and steps_per_epoch:
+                    bar.update(task, advance=1, status=f"loss {losses[-1]:.4f}")
+            if not losses:
+                advice = ": pass a re-iterable (a DataLoader, a list), not a generator"
+                raise ValueError(
+                    f"train_loader yielded no batches in epoch {epoch}" + (advice if epoch else "")
+                )
+            history.train_loss.append(float(np.mean(losses)))
+
+            improved = False
+            if val_fn is not None:
+                module.eval()
+                with torch.no_grad():
+                    value = float(val_fn())
+                history.val_metric.append(value)
+                if not math.isnan(value) and (
+                    best_value is None
+                    or (value > best_value if higher_is_better else value < best_value)
+                ):
+                    improved = True
+                    best_value = value
+                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                    history.best_epoch = epoch
+                    bad_epochs = 0
+                else:
+                    bad_epochs += 1
+            else:
+                history.best_epoch = epoch
+            if bar is not None:
+                status = f"epoch {epoch + 1}/{epochs} loss {history.train_loss[-1]:.4f}"
+                if val_fn is not None:
+                    status += f" val {history.val_metric[-1]:.4f}" + (" *" if improved else "")
+                if steps_per_epoch:
+                    bar.update(task, status=status)
+                else:
+                    bar.update(task, advance=1, status=status)
+            if timed_out:
+                history.stopped_early, history.stop_reason = True, "time"
+                break
+            if patience is not None and val_fn is not None and bad_epochs >= int(patience):
+                history.stopped_early = epoch + 1 < int(epochs)
+                history.stop_reason = "patience"
+                break
+        if bar is not None and steps_per_epoch:
+            bar.update(task, completed=total)
+
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    elif val_fn is not None:
+        # every validation was NaN: keep the last weights and say so.
+        history.best_epoch = len(history.train_loss) - 1
+    module.eval()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` from a collated batch: a tuple/list ``(x, y, ...)`` or a dict
+    with an image key (``image``/``x``/``input``) and a label key (``label``/``y``/``target``).
+    """
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in IMAGE_KEYS if k in batch), None)
+        y = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        if x is None or y is None:
+            raise ValueError(
+                f"a dict batch needs an image key {IMAGE_KEYS} and a label key {LABEL_KEYS}; "
+                f"got keys {sorted(batch)}"
+            )
+    elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+    else:
+        raise ValueError(
+            "dataset items must be (image, label, ...) tuples or dicts with 'image' and 'label'; "
+            f"got a batch of type {type(batch).__name__}"
+        )
+    x = torch.as_tensor(x)
+    y = torch.as_tensor(y)
+    if not x.dtype.is_floating_point:
+        x = x.float()
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        if y.dtype == torch.bool or torch.equal(y, y.round()):
+            y = y.long()
+        else:
+            raise TypeError(f"labels must be integer class indices, got dtype {y.dtype}")
+    return x, y.long().reshape(-1)
+
+
+def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise TypeError(f"expected a map-style torch Dataset, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("the dataset is empty")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Always our own generator: even an unshuffled loader draws a base seed, and it must not
+    # come from (and advance) the global RNG.
+    generator = torch.Generator().manual_seed(int(seed))
+    # A last batch of one image breaks batch norm in training mode: drop only that one.
+    drop_last = shuffle and len(data) % int(batch_size) == 1 and len(data) > 1
+    return DataLoader(
+        data,
+        batch_size=int(batch_size),
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=drop_last,
+        num_workers=0,
+    )
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    flags = [m.training for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, flag in zip(model.modules(), flags):
+            module.training = flag
+
+
+def _predict(
+    model: nn.Module, data: Dataset, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(N, K)`` and labels ``(N,)`` of a whole dataset (CPU tensors)."""
+    logits, labels = [], []
+    with _eval_mode(model), torch.no_grad():
+        for batch in _loader(data, batch_size, shuffle=False, seed=0):
+            x, y = split_batch(batch)
+            out = model(x.to(device))
+            if out.dim() != 2:
+                raise ValueError(f"the model must return logits (B, K); got {tuple(out.shape)}")
+            logits.append(out.float().cpu())
+            labels.append(y.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
+    return float((pred == labels).float().mean())
+
+
+def train_classifier(
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset | None = None,
+    *,
+    epochs: int = 20,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    patience: int | None = 5,
+    max_seconds: float | None = None,
+    progress: bool = True,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    bn_samples: int = 256,
+) -> TrainHistory:
+    """Train a classifier returning logits ``(B, K)`` with cross-entropy (Adam).
+
+    ``val`` (optional) is scored by accuracy after every epoch; the best epoch's weights
+    are restored (see :func:`train_loop`). ``augment(x) -> x`` is applied to each training
+    batch ``(B, C, *spatial)`` on the device. ``device`` moves the model there (default:
+    where the model already is). Shuffling is seeded by ``seed``. A model with a single
+    logit is trained with binary cross-entropy on labels 0/1.
+
+    Batch-norm running statistics are re-estimated on a fixed random subset of
+    ``bn_samples`` training images (without ``augment``) before every validation and at
+    the end (:func:`recalibrate_batch_norm`); 0 keeps the moving averages.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if augment is not None and not callable(augment):
+        raise TypeError("augment must be callable: augment(x) -> x")
+    if device is not None:
+        model.to(device)
+    dev = _module_device(model)
+    loader = _loader(train, batch_size, shuffle=True, seed=seed)
+
+    def loss_fn(batch: Any) -> torch.Tensor:
+        x, y = split_batch(batch)
+        x, y = x.to(dev), y.to(dev)
+        if augment is not None:
+            x = augment(x)
+        logits = model(x)
+        if logits.dim() != 2:
+            raise ValueError(f"the model must return logits (B, K); got {tuple(logits.shape)}")
+        if logits.shape[1] == 1:
+            return F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
+        return F.cross_entropy(logits, y)
+
+    calibration = _calibration_loader(model, train, batch_size, bn_samples, seed)
+
+    def calibrate() -> None:
+        if calibration is not None:
+            recalibrate_batch_norm(model, (split_batch(b)[0].to(dev) for b in calibration))
+
+    val_fn = None
+    if val is not None:
+
+        def val_fn() -> float:
+            calibrate()
+            return _accuracy(*_predict(model, val, max(int(batch_size), 128), dev))
+
+    history = train_loop(
+        model,
+        loss_fn,
+        loader,
+        val_fn=val_fn,
+        higher_is_better=True,
+        epochs=epochs,
+        lr=lr,
+        patience=patience,
+        max_seconds=max_seconds,
+        seed=seed,
+        progress=progress,
+        description="classifier",
+    )
+    if val_fn is None:
+        calibrate()  # with validation, the restored best state is already calibrated
+    return history
+
+
+def _calibration_loader(
+    model: nn.Module, train: Dataset, batch_size: int, bn_samples: int, seed: int
+) -> DataLoader | None:
+    """A fixed random subset of the training set for :func:`recalibrate_batch_norm`, or
+    None when the model has no batch norm (or ``bn_samples`` is 0)."""
+    if int(bn_samples) < 0:
+        raise ValueError(f"bn_samples must be >= 0, got {bn_samples}")
+    if not _batch_norms(model) or int(bn_samples) == 0:
+        return None
+    generator = torch.Generator().manual_seed(int(seed) + 1)
+    count = min(int(bn_samples), len(train))
+    indices = torch.randperm(len(train), generator=generator)[:count].sort().values.tolist()
+    return _loader(Subset(train, indices), batch_size, shuffle=False, seed=seed)
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every batch-norm layer's running mean and variance from ``batches``.
+
+    The running statistics become the plain average of the batch statistics over
+    ``batches`` (inputs ``(B, C, *spatial)``) computed with the current weights: "precise
+    BN" (Wu & Johnson 2021, arXiv 2105.07576). The exponential moving average kept during
+    training lags behind weights that change fast, which makes eval-mode predictions
+    much worse than train-mode ones early in training; validating (and keeping) a
+    recalibrated model avoids that. Everything else runs in eval mode (no dropout); all
+    train/eval flags and momenta are restored. Returns the number of layers updated.
+    """
+    norms = _batch_norms(model)
+    if not norms:
+        return 0
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("recalibrate_batch_norm needs at least one batch")
+    flags = [m.training for m in model.modules()]
+    momenta = [m.momentum for m in norms]
+    try:
+        model.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average over the batches
+            norm.train()
+        with torch.no_grad():
+            model(first)
+            for x in iterator:
+                model(x)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for module, flag in zip(model.modules(), flags):
+            module.training = flag
+    return len(norms)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def roc_auc(scores: Any, positive: Any) -> float:
+    """Area under the ROC curve of ``scores`` for the binary labels ``positive``.
+
+    Equals the Mann-Whitney U statistic over ``n_pos * n_neg``: the probability that a
+    random positive scores higher than a random negative, ties counting one half
+    (average ranks). NaN when either class is absent.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    p = np.asarray(positive).reshape(-1).astype(bool)
+    if s.shape != p.shape:
+        raise ValueError(
+            f"scores and positive must have the same length, got {s.size} and {p.size}"
+        )
+    n_pos = int(p.sum())
+    n_neg = p.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)  # average ranks for ties
+    u = ranks[p].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def evaluate_classifier(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Accuracy and one-vs-rest AUC-ROC of ``model`` on ``data``.
+
+    Returns ``{"accuracy", "auc", "per_class_auc", "n"}``: per-class AUCs use the softmax
+    probability of each class against all others (the sigmoid for a single-logit model,
+    one AUC); ``auc`` is their unweighted (macro) mean over classes with both positives
+    and negatives present (NaN entries mark classes that are not). The model's
+    train/eval flags are restored afterwards; ``device`` defaults to the model's.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dev = torch.device(device) if device is not None else _module_device(model)
+    if dev != _module_device(model):
+        model.to(dev)
+    logits, labels = _predict(model, data, batch_size, dev)
+    if logits.shape[1] == 1:
+        per_class = [roc_auc(torch.sigmoid(logits[:, 0]).numpy(), labels.numpy() == 1)]
+    else:
+        probs = torch.softmax(logits, dim=1).numpy()
+        y = labels.numpy()
+        per_class = [roc_auc(probs[:, k], y == k) for k in range(logits.shape[1])]
+    defined = [a for a in per_class if not math.isnan(a)]
+    return {
+        "accuracy": _accuracy(logits, labels),
+        "auc": float(np.mean(defined)) if defined else float("nan"),
+        "per_class_auc": per_class,
+        "n": int(labels.numel()),
+    }
