@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-from medexplain.metrics.peppr import peppr, plot_peppr
+from medexplain.metrics.peppr import peppr, peppr_many, plot_peppr
 from medexplain.perturb import blur_baseline, rank_pixels, top_fraction_mask
 
 N_STEPS = 20
@@ -140,6 +140,23 @@ def test_peppr_streaming_batches_equal_tensor_input():
     batches = [(x[i : i + 3], labels[i : i + 3]) for i in range(0, 10, 3)]
     streamed = peppr(model, batches, None, ranking, batch_size=3, **kwargs)
     assert whole.to_dict() == streamed.to_dict()
+
+
+def test_peppr_many_shares_the_random_control_and_equals_separate_calls():
+    region = _region((10, 10))
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 0])
+    x = _images(region.unsqueeze(0), labels, seed=2)
+    model = RegionModel(region.unsqueeze(0), needed=4)
+    generator = torch.Generator().manual_seed(4)
+    rankings = {
+        "good": region.unsqueeze(0).float(),
+        "noise": torch.rand(1, 10, 10, generator=generator),
+        "labelwise": {0: torch.rand(1, 10, 10, generator=generator), 1: region[None].float()},
+    }
+    kwargs = dict(fill="zero", n_steps=10, random_seeds=3, batch_size=16)
+    together = peppr_many(model, x, labels, rankings, **kwargs)
+    for name, ranking in rankings.items():
+        assert together[name].to_dict() == peppr(model, x, labels, ranking, **kwargs).to_dict()
 
 
 def test_peppr_fills_are_the_blur_and_the_dataset_mean():

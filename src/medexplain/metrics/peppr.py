@@ -332,15 +332,7 @@ def peppr(
     images: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
     labels: torch.Tensor | None,
     ranking_map: torch.Tensor | Mapping[str | int, torch.Tensor],
-    *,
-    fill: str | torch.Tensor = "mean",
-    mean_image: torch.Tensor | None = None,
-    n_steps: int = 20,
-    random_seeds: int = 5,
-    batch_size: int = 64,
-    activation: str = "auto",
-    progress: bool = False,
-    class_names: Sequence[str] | None = None,
+    **options: Any,
 ) -> PepprResult:
     """Erase and restore curves of a model's dataset metrics along a global pixel ranking.
 
@@ -355,6 +347,39 @@ def peppr(
             ``class_names`` or indices) for label-wise ranking: label ``k``'s AUC is then
             measured along label ``k``'s map, and accuracy is the mean over the mapped labels
             of the one-vs-rest accuracy along each label's own map.
+        **options: ``fill``, ``mean_image``, ``n_steps``, ``random_seeds``, ``batch_size``,
+            ``activation``, ``progress``, ``class_names``, as in :func:`peppr_many`.
+
+    Returns a :class:`PepprResult`. Cost: ``2 (n_steps + 1) (maps + random_seeds)`` forward
+    passes per image.
+    """
+    return peppr_many(model, images, labels, {"map": ranking_map}, **options)["map"]
+
+
+def peppr_many(
+    model: nn.Module,
+    images: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    labels: torch.Tensor | None,
+    ranking_maps: Mapping[str, torch.Tensor | Mapping[str | int, torch.Tensor]],
+    *,
+    fill: str | torch.Tensor = "mean",
+    mean_image: torch.Tensor | None = None,
+    n_steps: int = 20,
+    random_seeds: int = 5,
+    batch_size: int = 64,
+    activation: str = "auto",
+    progress: bool = False,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, PepprResult]:
+    """PEPPR for several rankings (e.g. one global map per method) in one pass over the data.
+
+    The random-order control does not depend on the ranking, so it is computed once and
+    shared by every result: ``2 (n_steps + 1) (maps + random_seeds)`` forward passes per
+    image in total instead of ``2 (n_steps + 1) maps (1 + random_seeds)``.
+
+    Args:
+        ranking_maps: name -> a ranking as :func:`peppr` takes it (one map, or a dict
+            label -> map for label-wise ranking).
         fill: ``"mean"`` (dataset mean image: ``mean_image`` ``(C, *S)``, or the mean of
             ``images`` when it is a tensor), ``"zero"``, ``"blur"``
             (:func:`medexplain.perturb.blur_baseline` of each image) or a tensor.
@@ -367,9 +392,10 @@ def peppr(
         progress: show a Rich progress bar.
         class_names: names of the K labels (default ``"0"..."K-1"``).
 
-    Returns a :class:`PepprResult`. Cost: ``2 (n_steps + 1) (maps + random_seeds)`` forward
-    passes per image.
+    Returns name -> :class:`PepprResult`, identical to calling :func:`peppr` per name.
     """
+    if not ranking_maps:
+        raise ValueError("ranking_maps is empty")
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     if random_seeds < 1:
@@ -390,7 +416,7 @@ def peppr(
     fractions = np.linspace(0.0, 1.0, n_steps + 1)
 
     runs: list[tuple[str, int | None, torch.Tensor]] = []  # (kind, label index, ranks)
-    label_maps: Mapping | None = ranking_map if isinstance(ranking_map, Mapping) else None
+    owners: dict[str, list[int]] = {}  # ranking name -> indices of its "map" runs
     store: dict[int, dict[bool, list[torch.Tensor]]] = {}
     all_labels: list[torch.Tensor] = []
     spatial: tuple[int, ...] | None = None
@@ -424,7 +450,12 @@ def peppr(
                     mode, names, activation_used, threshold = _resolve_mode(
                         y, n_out, activation, class_names
                     )
-                    runs = _make_runs(ranking_map, label_maps, names, spatial, random_seeds, device)
+                    for key, ranking in ranking_maps.items():
+                        label_maps = ranking if isinstance(ranking, Mapping) else None
+                        own = _make_runs(ranking, label_maps, names, spatial, 0, device)
+                        owners[key] = list(range(len(runs), len(runs) + len(own)))
+                        runs += own
+                    runs += _make_runs(None, {}, names, spatial, random_seeds, device)
                     counts = _fraction_counts(fractions, math.prod(spatial))
                     store = {i: {True: [], False: []} for i in range(len(runs))}
                 elif tuple(x.shape[2:]) != spatial:
@@ -456,22 +487,28 @@ def peppr(
         for erase in (True, False):
             probs = torch.cat(store[i][erase], dim=1)  # (F, N, K)
             results[(i, erase)] = _metrics(probs, y_all, mode, threshold)
-    return _assemble(
-        runs,
-        results,
-        fractions,
-        names,
-        n_images,
-        label_maps is not None,
-        dict(
-            fill=fill if isinstance(fill, str) else "tensor",
-            n_steps=n_steps,
-            random_seeds=random_seeds,
-            activation=activation_used,
-            mode=mode,
-            labelwise=label_maps is not None,
-        ),
-    )
+    random_runs = [i for i, run in enumerate(runs) if run[0] == "random"]
+    out = {}
+    for key, ranking in ranking_maps.items():
+        own = owners[key] + random_runs
+        labelwise = isinstance(ranking, Mapping)
+        out[key] = _assemble(
+            [runs[i] for i in own],
+            {(j, erase): results[(i, erase)] for j, i in enumerate(own) for erase in (True, False)},
+            fractions,
+            names,
+            n_images,
+            labelwise,
+            dict(
+                fill=fill if isinstance(fill, str) else "tensor",
+                n_steps=n_steps,
+                random_seeds=random_seeds,
+                activation=activation_used,
+                mode=mode,
+                labelwise=labelwise,
+            ),
+        )
+    return out
 
 
 def _resolve_mode(
@@ -511,7 +548,9 @@ def _make_runs(
     ranking_map, label_maps, names, spatial, random_seeds, device
 ) -> list[tuple[str, int | None, torch.Tensor]]:
     runs: list[tuple[str, int | None, torch.Tensor]] = []
-    if label_maps is None:
+    if ranking_map is None:
+        pass  # random runs only
+    elif label_maps is None:
         ranking = _check_ranking_map(ranking_map, spatial, "ranking_map")
         runs.append(("map", None, rank_pixels(ranking.to(device)).view(-1)))
     else:

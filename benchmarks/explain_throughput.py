@@ -1,0 +1,105 @@
+"""Images explained per second for each gradient method vs the bare model's throughput.
+
+For every method the script measures, in the same run and at the same batch size:
+
+- ``images_per_second``: the explainer's throughput;
+- ``model_passes_per_image``: forward(+backward) passes the method needs per image by
+  construction (saliency 1, integrated gradients n_steps, SmoothGrad n_samples, occlusion
+  one forward per window position plus one);
+- ``bare_passes_per_second``: what the bare model does with the same kind of pass
+  (forward+backward for gradient methods, forward only for occlusion);
+- ``efficiency`` = images_per_second * passes_per_image / bare_passes_per_second
+  (1.0 = no time spent beyond the model's own passes).
+
+Prints one JSON document. Usage: ``python benchmarks/explain_throughput.py [--dims 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from medexplain.explain import create
+from medexplain.models.cnn import CNNConfig, build_classifier
+
+# name -> (parameters, pass kind, passes per image as a function of the image size)
+METHODS = {
+    "saliency": ({}, "backward", lambda size, dims: 1),
+    "input_x_gradient": ({}, "backward", lambda size, dims: 1),
+    "integrated_gradients": ({"n_steps": 50}, "backward", lambda size, dims: 50),
+    "smoothgrad": ({"n_samples": 50}, "backward", lambda size, dims: 50),
+    "gradcam": ({}, "backward", lambda size, dims: 1),
+}
+
+
+def bare_rate(model, x, backward: bool, repeats: int) -> float:
+    """Images per second for plain forward (and backward to the input) passes."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        inputs = x.clone().requires_grad_(backward)
+        out = model(inputs)
+        if backward:
+            torch.autograd.grad(out[:, 0].sum(), inputs)
+        best = min(best, time.perf_counter() - start)
+    return len(x) / best
+
+
+def method_rate(explainer, x, target, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        explainer(x, target)
+        best = min(best, time.perf_counter() - start)
+    return len(x) / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, default=2, choices=(2, 3))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    size = 64 if args.dims == 2 else 32
+    model = build_classifier(CNNConfig(spatial_dims=args.dims)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(args.batch_size, 1, *([size] * args.dims))
+    target = torch.zeros(args.batch_size, dtype=torch.long)
+    results = {}
+    for name, (params, kind, passes) in METHODS.items():
+        explainer = create(name, model, batch_size=args.batch_size, **params)
+        n_passes = passes(size, args.dims)
+        # The bare reference carries the same number of images per pass as the method does.
+        chunk = x if n_passes == 1 else x[:1].expand(min(args.batch_size, n_passes), *x.shape[1:])
+        chunk = chunk.contiguous()
+        bare = bare_rate(model, chunk, backward=kind == "backward", repeats=args.repeats)
+        ips = method_rate(explainer, x, target, args.repeats)
+        results[name] = {
+            "images_per_second": round(ips, 2),
+            "model_passes_per_image": n_passes,
+            "bare_passes_per_second": round(bare, 1),
+            "efficiency": round(ips * n_passes / bare, 3),
+        }
+    print(
+        json.dumps(
+            {
+                "benchmark": "explain_throughput",
+                "dims": args.dims,
+                "image_size": size,
+                "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
+                "methods": results,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

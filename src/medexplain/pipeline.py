@@ -1,0 +1,87 @@
+"""Explain a set of images in memory-bounded batches, with progress and timing.
+
+The demo and the CLI call these; the resumable on-disk run builds on the same
+batch iterator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .explain.base import Explainer, model_device, model_guard
+from .progress import progress_bar
+
+
+@dataclass
+class ExplainedSet:
+    """Maps ``(N, 1, *spatial)`` (CPU float32) for N images and the seconds it took."""
+
+    maps: torch.Tensor
+    targets: torch.Tensor
+    seconds: float
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / max(1, len(self.maps))
+
+
+@torch.no_grad()
+def predicted_classes(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
+    """Argmax class ``(N,)`` (0 for single-logit models) with the model in eval mode."""
+    device = model_device(model)
+    with model_guard(model):
+        logits = torch.cat(
+            [
+                model(images[i : i + batch_size].to(device)).cpu()
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+    if logits.shape[1] == 1:
+        return torch.zeros(len(images), dtype=torch.long)
+    return logits.argmax(1)
+
+
+def iter_batches(
+    explainer: Explainer,
+    images: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    batch_size: int = 16,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(slice, maps)`` for consecutive batches of ``images`` ``(N, C, *spatial)``.
+
+    ``targets`` ``(N,)`` or None (each image's predicted class). Maps come back on the CPU.
+    """
+    for start in range(0, len(images), batch_size):
+        part = slice(start, min(start + batch_size, len(images)))
+        target = None if targets is None else targets[part]
+        yield part, explainer(images[part], target).cpu()
+
+
+def explain_all(
+    explainer: Explainer,
+    images: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    description: str = "explaining",
+) -> ExplainedSet:
+    """Explain every image; returns the stacked maps, the targets used and the wall time."""
+    maps = torch.empty((len(images), 1, *images.shape[2:]), dtype=torch.float32)
+    used = torch.empty(len(images), dtype=torch.long)
+    if targets is None:
+        targets = predicted_classes(explainer.model, images, batch_size=batch_size)
+    start = time.perf_counter()
+    with progress_bar(progress) as bar:
+        task = bar.add_task(description, total=len(images))
+        for part, batch_maps in iter_batches(explainer, images, targets, batch_size):
+            maps[part] = batch_maps
+            used[part] = targets[part]
+            bar.advance(task, part.stop - part.start)
+    return ExplainedSet(maps=maps, targets=used, seconds=time.perf_counter() - start)

@@ -1,0 +1,78 @@
+"""One self-contained HTML page (images embedded) from ``results.json`` and the figures."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.5em 1em}
+"""
+
+
+def embed_png(path: str | Path) -> str:
+    """An <img> tag holding the PNG as base64 so the page needs no other file."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if value is None:
+        return "–"
+    return html.escape(str(value))
+
+
+def metrics_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """HTML table: one row per key of ``rows``; ``columns`` = (dotted key, header)."""
+
+    def lookup(row: Mapping[str, Any], dotted: str) -> Any:
+        value: Any = row
+        for part in dotted.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                return None
+            value = value[part]
+        return value
+
+    head = "".join(f"<th>{html.escape(header)}</th>" for _, header in columns)
+    body = []
+    for name, row in rows.items():
+        cells = "".join(f"<td>{_format(lookup(row, key))}</td>" for key, _ in columns)
+        body.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
+    return f"<table><tr><th>method</th>{head}</tr>{''.join(body)}</table>"
+
+
+def write_report(
+    path: str | Path,
+    *,
+    title: str,
+    sections: Sequence[tuple[str, str]],
+    results: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the page: ``sections`` = (heading, HTML body) in order; the full results JSON is
+    appended in a collapsible block so every number stays machine-readable."""
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    for heading, body in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>\n{body}")
+    if results is not None:
+        dump = html.escape(json.dumps(results, indent=2))
+        parts.append(f"<details><summary>results.json</summary><pre>{dump}</pre></details>")
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
+        f"<body>{''.join(parts)}</body></html>"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
