@@ -16,7 +16,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.colors import TwoSlopeNorm
 
 
 def to_numpy(array: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -42,13 +41,20 @@ def display_slice(array: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _overlay(ax, background: np.ndarray, heat: np.ndarray, signed: bool, title: str) -> None:
+    """Image in grey, the map on top with opacity growing with |value| (scaled per panel), so
+    weak attributions leave the anatomy visible. Signed maps: red positive, blue negative."""
     ax.imshow(background, cmap="gray", interpolation="nearest")
-    if signed and heat.min() < 0 < heat.max():
-        limit = float(np.abs(heat).max()) or 1.0
-        norm = TwoSlopeNorm(vmin=-limit, vcenter=0.0, vmax=limit)
-        ax.imshow(heat, cmap="RdBu_r", norm=norm, alpha=0.6, interpolation="nearest")
-    else:
-        ax.imshow(heat, cmap="inferno", alpha=0.6, interpolation="nearest")
+    limit = float(np.abs(heat).max())
+    if limit > 0:
+        if signed and heat.min() < 0:
+            scaled = heat / limit
+            colours = plt.get_cmap("RdBu_r")(0.5 + 0.5 * scaled)
+            colours[..., 3] = np.clip(np.abs(scaled), 0, 1) * 0.85
+        else:
+            scaled = np.clip(heat, 0, None) / limit
+            colours = plt.get_cmap("inferno")(scaled)
+            colours[..., 3] = np.clip(scaled, 0, 1) * 0.85
+        ax.imshow(colours, interpolation="nearest")
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
