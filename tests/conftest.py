@@ -71,3 +71,29 @@ def classifier2d(bench2d):
             save_checkpoint(path, model, extra={"class_names": list(train.class_names)})
     model, _ = load_checkpoint(path)
     return model.eval()
+
+
+# The redundant variant (two lesion regions, each sufficient alone): SAG's tests (issue 5).
+BENCH2D_REDUNDANT = dict(n=1200, dims=2, size=64, seed=0, redundant=True)
+
+
+@pytest.fixture(scope="session")
+def classifier2d_redundant():
+    """A SmallCNN trained on ``make_benchmark(n=1200, redundant=True, seed=0)`` (its first
+    split part), same training as ``classifier2d``; eval mode, CPU, cached like it."""
+    from medexplain.data.synthetic import make_benchmark
+    from medexplain.models.checkpoint import load_checkpoint, save_checkpoint
+    from medexplain.models.cnn import CNNConfig, build_classifier
+    from medexplain.models.train import train_classifier
+
+    key = "_".join(f"{k}{v}" for k, v in sorted({**BENCH2D_REDUNDANT, **TRAIN2D}.items()))
+    path = CACHE / f"classifier2d_redundant_{key}.pt"
+    with _FileLock(CACHE / "classifier2d_redundant.lock"):
+        if not path.exists():
+            train, val, _ = make_benchmark(**BENCH2D_REDUNDANT).split()
+            config = CNNConfig(in_channels=1, num_classes=len(train.class_names), spatial_dims=2)
+            model = build_classifier(config)
+            train_classifier(model, train.dataset(), val.dataset(), progress=False, **TRAIN2D)
+            save_checkpoint(path, model, extra={"class_names": list(train.class_names)})
+    model, _ = load_checkpoint(path)
+    return model.eval()

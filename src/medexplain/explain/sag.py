@@ -1,1 +1,423 @@
-"""(placeholder: filled by its issue)."""
+"""Structured Attention Graphs (Shitole, Li et al., NeurIPS 2021; METHODS.md section 3).
+
+SAG explains one image with several *minimal sufficient* patch sets ("roots"): the image is
+cut into a ``g x g`` grid (``g**3`` cubes in 3D), everything outside a set ``S`` of
+patches is replaced by the baseline (black by default) and ``ins(S) = f_c(phi(x, b,
+indicator(S)))`` is the class score with only ``S`` visible. A set is sufficient when
+``ins(S) >= threshold * P`` (``P = f_c(x)``) and minimal when removing any one patch drops
+it below. Search (batched over all successors of one depth)::
+
+    H = 1 - M, M the I-GOS mask at g x g after 2 iterations (the heuristic)
+    beam = [{}]
+    for depth = 1 .. g**d:
+        successors = {S + j : S in beam, j among the q best-H patches not in S}
+        score them all (batched forward passes), best first
+        sufficient -> prune to minimal (drop the patch whose removal keeps the highest score
+                      while it stays sufficient) and record as a root if new
+        otherwise  -> next beam (the beam_width best)
+        stop when more than max_roots roots were found
+
+Then the diverse subset (the largest set of roots pairwise sharing <= 1 patch, ties by total
+score) and the graph grown from its ``max_shown`` best roots (child = parent minus one
+patch, kept while ``ins(child) / P > child_threshold``).
+
+Defaults from the paper: 7 x 7 grid at 224 px, q = 15 candidates, beam width 3, threshold
+0.9, more than 10 roots, child threshold 0.4, 3 roots shown, black baseline, a 2-iteration
+I-GOS heuristic. Our choices: the grid is the same number of patches per axis whatever the
+image size (blocks of ``n / g`` pixels, sizes differing by at most one); the I-GOS
+heuristic uses the same baseline as the search, and runs at ``max(g, 4)`` cells per axis
+(I-GOS' minimum) pooled back to ``g`` by averaging; scores of sets already evaluated are
+cached (a set is never sent through the model twice, so batched and one-at-a-time modes
+make the same passes); ties (equal scores) keep the order in which sets were generated.
+
+Registered explainer ``sag``: its map is, for every pixel, the score-weighted fraction of the
+diverse roots whose patches cover it, ``sum_r w_r [pixel in r] / sum_r w_r`` with
+``w_r = ins(r) / P`` (in [0, 1]; 0 everywhere when the baseline alone is sufficient).
+
+>>> result = StructuredAttentionGraph(model).explain_image(x)       # x (1, C, *S)
+>>> result.roots[0].patches, result.roots[0].ratio; result.plot("sag.png")
+>>> run_sag(model, x, "out/")                                       # sag.json + sag.png
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..perturb import BASELINES, apply_mask, make_baseline
+from ..scores import ACTIVATIONS, as_targets, check_targets, class_score
+from ..spatial import adaptive_avg_pool, spatial_dims_of
+from .base import Explainer, model_guard, register
+from .sag_graph import (
+    PatchSet,
+    SAGResult,
+    SAGRoot,
+    build_graph,
+    diverse_subset,
+    upsample_cells,
+)
+
+#: I-GOS' smallest mask resolution per axis (explain/igos.py MIN_MASK_SIZE).
+_IGOS_MIN_SIZE = 4
+
+
+class _InsertionScorer:
+    """``ins(S)`` for lists of patch sets of one image, cached, counting model passes.
+
+    ``batched=True`` sends the not-yet-scored sets of one call through the model in chunks
+    of ``batch_size``; ``batched=False`` one image per forward pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        baseline: torch.Tensor,
+        target: int,
+        grid: tuple[int, ...],
+        activation: str,
+        batch_size: int,
+        batched: bool,
+    ) -> None:
+        self.model = model
+        self.x = x
+        self.baseline = baseline
+        self.target = int(target)
+        self.grid = grid
+        self.n_patches = int(torch.tensor(grid).prod())
+        self.activation = activation
+        self.chunk = int(batch_size) if batched else 1
+        self.cache: dict[PatchSet, float] = {}
+        self.images = 0
+        self.calls = 0
+
+    @torch.no_grad()
+    def _evaluate(self, sets: list[PatchSet]) -> list[float]:
+        k = len(sets)
+        cells = torch.zeros(k, self.n_patches, device=self.x.device, dtype=self.x.dtype)
+        for row, s in enumerate(sets):
+            if s:
+                cells[row, list(s)] = 1.0
+        masks = upsample_cells(cells, self.grid, self.x.shape[2:])
+        shape = (k, *self.x.shape[1:])
+        inputs = apply_mask(self.x.expand(shape), self.baseline.expand(shape), masks)
+        targets = torch.full((k,), self.target, dtype=torch.long, device=self.x.device)
+        scores = class_score(self.model, inputs, targets, self.activation)
+        self.images += k
+        self.calls += 1
+        return [float(v) for v in scores.cpu()]
+
+    def __call__(self, sets: Sequence[PatchSet]) -> list[float]:
+        todo = list(dict.fromkeys(s for s in sets if s not in self.cache))
+        for start in range(0, len(todo), self.chunk):
+            part = todo[start : start + self.chunk]
+            self.cache.update(zip(part, self._evaluate(part)))
+        return [self.cache[s] for s in sets]
+
+
+@register("sag", "Structured Attention Graphs: minimal sufficient patch sets (beam search)")
+class StructuredAttentionGraph(Explainer):
+    """SAG (Shitole, Li et al. 2021). Parameters (defaults from the paper unless noted):
+
+    - ``grid``: patches per spatial axis (7; an int or one int per axis);
+    - ``beam_width`` (3), ``candidates`` (q = 15 best-heuristic patches tried per set),
+      ``threshold`` (0.9: sufficient when ``ins(S) >= 0.9 P``), ``max_roots`` (10: stop
+      once more than this many roots are found);
+    - ``baseline``: ``"zero"`` (black, the paper), ``"blur"``, ``"mean"`` (with
+      ``mean_image``) or a tensor;
+    - ``child_threshold`` (0.4), ``max_shown`` (3 roots grow the graph), ``max_overlap``
+      (1 patch, the diverse-subset rule), ``max_nodes`` (ours: 200, bounds the graph);
+    - ``heuristic_iterations`` (2 I-GOS iterations), ``heuristic_steps`` (I-GOS
+      integration steps, its default 20);
+    - ``batched``: score all successors of a step in chunks of ``batch_size`` (True) or one
+      image per forward pass (False, same result, for benchmarks);
+    - ``activation``: how logits become ``f_c`` (see :func:`medexplain.scores.probabilities`).
+
+    ``explain_image`` returns a :class:`SAGResult`; calling the explainer returns the
+    score-weighted coverage map of the diverse roots ``(B, 1, *S)`` (module docstring).
+    """
+
+    signed: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        grid: int | Sequence[int] = 7,
+        beam_width: int = 3,
+        candidates: int = 15,
+        threshold: float = 0.9,
+        max_roots: int = 10,
+        baseline: str | torch.Tensor = "zero",
+        mean_image: torch.Tensor | None = None,
+        child_threshold: float = 0.4,
+        max_shown: int = 3,
+        max_overlap: int = 1,
+        max_nodes: int = 200,
+        heuristic_iterations: int = 2,
+        heuristic_steps: int = 20,
+        batched: bool = True,
+        batch_size: int = 64,
+        seed: int = 0,
+        activation: str = "auto",
+    ) -> None:
+        super().__init__(model, batch_size=batch_size, seed=seed)
+        grids = (grid,) if isinstance(grid, int) else tuple(grid)
+        if not grids or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grids):
+            raise ValueError(f"grid must be a positive int or a tuple of them, got {grid!r}")
+        positive = {
+            "beam_width": beam_width,
+            "candidates": candidates,
+            "max_roots": max_roots,
+            "max_shown": max_shown,
+            "max_nodes": max_nodes,
+            "heuristic_iterations": heuristic_iterations,
+            "heuristic_steps": heuristic_steps,
+        }
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(max_overlap, bool) or not isinstance(max_overlap, int) or max_overlap < 0:
+            raise ValueError(f"max_overlap must be an int >= 0, got {max_overlap!r}")
+        if not 0.0 < float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+        if not 0.0 <= float(child_threshold) < 1.0:
+            raise ValueError(f"child_threshold must be in [0, 1), got {child_threshold!r}")
+        if isinstance(baseline, str) and baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
+        if not isinstance(baseline, (str, torch.Tensor)):
+            raise TypeError(f"baseline must be a string or a tensor, got {type(baseline).__name__}")
+        if isinstance(baseline, str) and baseline == "mean" and mean_image is None:
+            raise ValueError("baseline='mean' needs mean_image, the dataset mean (C, *spatial)")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.grid = grids
+        self.beam_width = beam_width
+        self.candidates = candidates
+        self.threshold = float(threshold)
+        self.max_roots = max_roots
+        self.baseline = baseline
+        self.mean_image = mean_image
+        self.child_threshold = float(child_threshold)
+        self.max_shown = max_shown
+        self.max_overlap = max_overlap
+        self.max_nodes = max_nodes
+        self.heuristic_iterations = heuristic_iterations
+        self.heuristic_steps = heuristic_steps
+        self.batched = bool(batched)
+        self.activation = activation
+        self.last_results: list[SAGResult] = []
+
+    # ------------------------------------------------------------------ helpers
+    def grid_for(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """Patches per axis for images of size ``spatial`` (error when a grid is too fine)."""
+        spatial = tuple(int(s) for s in spatial)
+        grid = self.grid * len(spatial) if len(self.grid) == 1 else self.grid
+        if len(grid) != len(spatial):
+            raise ValueError(
+                f"grid {self.grid} has {len(grid)} entries for images with spatial size {spatial}"
+            )
+        if any(g > n for g, n in zip(grid, spatial)):
+            raise ValueError(f"grid {grid} is finer than the image {spatial}: at most 1 px/patch")
+        return grid
+
+    def heuristic(
+        self, x: torch.Tensor, target: int, grid: tuple[int, ...]
+    ) -> tuple[torch.Tensor, dict[str, int]]:
+        """I-GOS heuristic per patch ``(g**d,)`` (higher = more important) for ``x``
+        ``(1, C, *S)``, and the I-GOS pass counts."""
+        from .igos import IGOS
+
+        size = tuple(min(max(g, _IGOS_MIN_SIZE), n) for g, n in zip(grid, x.shape[2:]))
+        if min(size) < _IGOS_MIN_SIZE:  # image smaller than I-GOS' smallest mask: no heuristic
+            return torch.zeros(int(torch.tensor(grid).prod())), {}
+        igos = IGOS(
+            self.model,
+            size=size,
+            iterations=self.heuristic_iterations,
+            integration_steps=self.heuristic_steps,
+            baseline=self.baseline,
+            mean_image=self.mean_image,
+            activation=self.activation,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        _, trace = igos.explain_with_trace(x, torch.tensor([target], device=x.device))
+        assert trace.masks is not None
+        importance = 1.0 - trace.masks[-1, :, :1].to(torch.float32)  # (1, 1, *size)
+        if size != grid:
+            importance = adaptive_avg_pool(len(grid))(grid)(importance)
+        passes = {
+            "heuristic_forward": igos.passes.images("forward"),
+            "heuristic_backward": igos.passes.images("backward"),
+        }
+        return importance.flatten().cpu(), passes
+
+    # --------------------------------------------------------------- the method
+    def explain_image(self, x: torch.Tensor, target: int | torch.Tensor | None = None) -> SAGResult:
+        """SAG of one image ``x`` ``(1, C, *S)`` (or ``(C, H, W)`` in 2D) for class
+        ``target`` (None: the predicted class)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+        if x.dim() == 3:
+            x = x.unsqueeze(0)  # (C, H, W)
+        spatial_dims_of(x, "x")
+        if x.shape[0] != 1:
+            raise ValueError(
+                "x must be one image: (C, H, W), (1, C, H, W) or (1, C, D, H, W) (a 3D volume "
+                f"always with its leading 1); got shape {tuple(x.shape)}"
+            )
+        x = x.to(self.device, torch.float32)
+        with model_guard(self.model):
+
+            def logits() -> torch.Tensor:
+                with torch.no_grad():
+                    return self.model(x)
+
+            targets = as_targets(target, 1, device=x.device, logits=logits)
+            check_targets(targets, logits().shape[1])
+            return self._explain_one(x, int(targets[0]))
+
+    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        maps = []
+        self.last_results = []
+        for i in range(x.shape[0]):
+            result = self._explain_one(x[i : i + 1], int(targets[i]))
+            self.last_results.append(result)
+            maps.append(coverage_map(result).to(x.device))
+        return torch.stack(maps).unsqueeze(1)
+
+    def _explain_one(self, x: torch.Tensor, target: int) -> SAGResult:
+        spatial = tuple(int(s) for s in x.shape[2:])
+        grid = self.grid_for(spatial)
+        baseline = make_baseline(x, self.baseline, self.mean_image)
+        scorer = _InsertionScorer(
+            self.model, x, baseline, target, grid, self.activation, self.batch_size, self.batched
+        )
+        n_patches = scorer.n_patches
+        everything = tuple(range(n_patches))
+        probability = scorer([everything])[0]  # phi with every patch visible is x itself
+        passes = {"p": scorer.images}
+        heuristic, heuristic_passes = self.heuristic(x, target, grid)
+        order = torch.argsort(-heuristic, stable=True).tolist()
+
+        need = self.threshold * probability
+        roots = self._search(scorer, order, need, n_patches)
+        passes["search"] = scorer.images - passes["p"]
+
+        ranked = sorted(roots, key=lambda s: (-scorer.cache[s], len(s), s))
+        ratio = (lambda s: s / probability) if probability > 0 else (lambda s: 1.0)
+        root_list = [SAGRoot(r, scorer.cache[r], ratio(scorer.cache[r])) for r in ranked]
+        diverse = diverse_subset(
+            [r.patches for r in root_list], [r.score for r in root_list], self.max_overlap
+        )
+        shown = diverse[: self.max_shown]
+        nodes, edges, truncated = build_graph(
+            [root_list[i].patches for i in shown],
+            scorer,
+            probability,
+            self.child_threshold,
+            self.max_nodes,
+        )
+        passes["graph"] = scorer.images - passes["p"] - passes["search"]
+        passes.update(heuristic_passes)
+        return SAGResult(
+            target=target,
+            probability=probability,
+            grid=grid,
+            spatial=spatial,
+            threshold=self.threshold,
+            child_threshold=self.child_threshold,
+            max_overlap=self.max_overlap,
+            roots=root_list,
+            diverse=diverse,
+            shown=shown,
+            nodes=nodes,
+            edges=edges,
+            heuristic=[float(h) for h in heuristic],
+            passes=passes,
+            forward_calls=scorer.calls,
+            graph_truncated=truncated,
+            image=x[0].detach().cpu().clone(),
+            baseline=baseline[0].detach().cpu().clone(),
+        )
+
+    def _search(
+        self, scorer: _InsertionScorer, order: list[int], need: float, n_patches: int
+    ) -> list[PatchSet]:
+        """Beam search for minimal sufficient sets; roots in the order they were found."""
+        roots: dict[PatchSet, None] = {}
+        beam: list[PatchSet] = [()]
+        for _depth in range(1, n_patches + 1):
+            successors: list[PatchSet] = []
+            for current in beam:
+                members = set(current)
+                tried = [j for j in order if j not in members][: self.candidates]
+                successors.extend(tuple(sorted((*current, j))) for j in tried)
+            successors = list(dict.fromkeys(successors))
+            if not successors:
+                break
+            scores = scorer(successors)
+            ranking = sorted(range(len(successors)), key=lambda i: -scores[i])
+            next_beam: list[PatchSet] = []
+            for i in ranking:
+                if scores[i] >= need:
+                    roots.setdefault(self._prune(scorer, successors[i], need))
+                    if len(roots) > self.max_roots:
+                        return list(roots)
+                elif len(next_beam) < self.beam_width:
+                    next_beam.append(successors[i])
+            if not next_beam:
+                break
+            beam = next_beam
+        return list(roots)
+
+    @staticmethod
+    def _prune(scorer: _InsertionScorer, patches: PatchSet, need: float) -> PatchSet:
+        """Drop patches while the set stays sufficient (each round removes the patch whose
+        removal keeps the highest score); the result is minimal: every child is below."""
+        current = patches
+        while current:
+            children = [tuple(k for k in current if k != j) for j in current]
+            scores = scorer(children)
+            best = max(range(len(children)), key=lambda i: scores[i])
+            if scores[best] < need:
+                break
+            current = children[best]
+        return current
+
+
+def coverage_map(result: SAGResult) -> torch.Tensor:
+    """The ``sag`` explainer's map ``(*S)``: score-weighted fraction of the diverse roots
+    covering each pixel, ``sum_r w_r [pixel in r] / sum_r w_r``, ``w_r = ins(r) / P``."""
+    total = torch.zeros(result.spatial, dtype=torch.float32)
+    weights = 0.0
+    for root in result.diverse_roots():
+        weight = max(float(root.ratio), 0.0)
+        weights += weight
+        if root.patches:
+            total += weight * result.patch_mask(root.patches).to(torch.float32)
+    return total / weights if weights > 0 else total
+
+
+def run_sag(
+    model: nn.Module,
+    image: torch.Tensor,
+    out_dir: str | Path,
+    target: int | None = None,
+    **params: Any,
+) -> SAGResult:
+    """Explain ``image`` ``(C, *S)`` or ``(1, C, *S)`` with SAG and write ``sag.json`` and
+    ``sag.png`` into ``out_dir`` (created). ``params`` go to :class:`StructuredAttentionGraph`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = StructuredAttentionGraph(model, **params).explain_image(image, target)
+    result.to_json(out / "sag.json")
+    result.plot(out / "sag.png")
+    return result
