@@ -27,6 +27,7 @@ COMMANDS = [
     ["check-alignment"],
     ["fit", "similar-adversarial"],
     ["fit", "warp-simulator"],
+    ["sag"],
 ]
 
 
