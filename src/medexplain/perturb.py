@@ -36,7 +36,7 @@ def igos_blur_parameters(spatial: Sequence[int]) -> tuple[int, float]:
     kernel 15 and sigma ~14.3, i.e. the same blur relative to the image.
     """
     scale = max(int(s) for s in spatial) / _IGOS_REFERENCE_SIZE
-    kernel = max(3, int(round(_IGOS_KERNEL * scale)))
+    kernel = max(3, round(_IGOS_KERNEL * scale))
     if kernel % 2 == 0:
         kernel += 1
     return kernel, _IGOS_SIGMA * scale
@@ -122,5 +122,5 @@ def rank_pixels(saliency: torch.Tensor, generator: torch.Generator | None = None
 def top_fraction_mask(ranks: torch.Tensor, fraction: float) -> torch.Tensor:
     """Float mask, 1 on the ``ceil(fraction * n)`` best-ranked pixels (ranks from rank_pixels)."""
     n = ranks[0].numel()
-    k = int(math.ceil(float(fraction) * n - 1e-9))
+    k = math.ceil(float(fraction) * n - 1e-9)
     return (ranks < k).to(torch.float32)
