@@ -1,0 +1,126 @@
+"""Figures and NIfTI output for warping simulators (METHODS.md section 5, USERS.md study 2).
+
+:func:`plot_warp` draws one row per image: the original, the simulated image, the
+displacement magnitude (voxels) and the Jacobian determinant with a diverging colormap
+centred at 1 (shrinkage blue < 1 < expansion red). 3D volumes show their middle slice along
+the first spatial axis (or ``slice_index``). :func:`save_nifti` writes a 3D map with an
+affine (identity by default) for ITK-SNAP / FSLeyes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...spatial import spatial_dims_of
+from .jacobian import jacobian_determinant
+from .spatial_transform import check_displacement
+
+
+def _plane(volume: torch.Tensor, slice_index: int | None) -> np.ndarray:
+    """A 2D numpy plane from ``(*spatial)``: the image itself, or a slice of a volume."""
+    volume = volume.detach().float().cpu()
+    if volume.dim() == 3:
+        index = volume.shape[0] // 2 if slice_index is None else int(slice_index)
+        if not 0 <= index < volume.shape[0]:
+            raise ValueError(f"slice_index must be in [0, {volume.shape[0]}), got {slice_index}")
+        volume = volume[index]
+    return volume.numpy()
+
+
+def plot_warp(
+    x: torch.Tensor,
+    simulated: torch.Tensor,
+    displacement: torch.Tensor,
+    jacobian: torch.Tensor | None = None,
+    *,
+    path: str | os.PathLike | None = None,
+    slice_index: int | None = None,
+    titles: list[str] | None = None,
+    max_images: int = 8,
+):
+    """Draw original / simulated / ``|u|`` / ``J`` for each image of a batch.
+
+    ``x`` and ``simulated`` ``(B, C, *spatial)`` (channel 0 is shown), ``displacement``
+    ``(B, d, *spatial)``, ``jacobian`` ``(B, 1, *spatial)`` (computed from the displacement
+    when None). The Jacobian uses ``TwoSlopeNorm`` centred at 1, symmetric in log scale
+    around it. Saves a PNG when ``path`` is given; returns the matplotlib Figure.
+    """
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    spatial_dims_of(x, "x")
+    check_displacement(x, displacement)
+    if simulated.shape != x.shape:
+        raise ValueError(
+            f"simulated must have the shape of x {tuple(x.shape)}, got {tuple(simulated.shape)}"
+        )
+    if jacobian is None:
+        jacobian = jacobian_determinant(displacement)
+    n = min(int(x.shape[0]), int(max_images))
+    figure, axes = plt.subplots(n, 4, figsize=(12, 3 * n), squeeze=False)
+    columns = ["original", "simulated", "|displacement| (voxels)", "Jacobian determinant"]
+    for row in range(n):
+        magnitude = displacement[row].detach().float().norm(dim=0)
+        det = _plane(jacobian[row, 0], slice_index)
+        spread = float(np.nanmax(np.abs(np.log(np.clip(det, 1e-3, None))))) or 0.1
+        norm = TwoSlopeNorm(vcenter=1.0, vmin=float(np.exp(-spread)), vmax=float(np.exp(spread)))
+        low = min(float(x[row, 0].min()), float(simulated[row, 0].min()))
+        high = max(float(x[row, 0].max()), float(simulated[row, 0].max()))
+        panels = [
+            (_plane(x[row, 0], slice_index), dict(cmap="gray", vmin=low, vmax=high)),
+            (_plane(simulated[row, 0], slice_index), dict(cmap="gray", vmin=low, vmax=high)),
+            (_plane(magnitude, slice_index), dict(cmap="magma")),
+            (det, dict(cmap="RdBu_r", norm=norm)),
+        ]
+        for col, (image, style) in enumerate(panels):
+            ax = axes[row, col]
+            shown = ax.imshow(image, **style)
+            if col >= 2:
+                figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            title = columns[col] if row == 0 else ""
+            if col == 0 and titles is not None and row < len(titles):
+                title = f"{titles[row]}\n{title}" if title else titles[row]
+            ax.set_title(title, fontsize=9)
+    figure.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+    return figure
+
+
+def save_nifti(
+    volume: torch.Tensor | np.ndarray,
+    path: str | os.PathLike,
+    affine: np.ndarray | torch.Tensor | None = None,
+) -> Path:
+    """Save a 3D map ``(D, H, W)`` (or ``(1, D, H, W)``, ``(1, 1, D, H, W)``) as NIfTI.
+
+    ``affine`` is the scans' 4 x 4 voxel-to-world matrix (identity when None), so the map
+    overlays the template in ITK-SNAP/FSLeyes. The array is written in the tensor's axis
+    order as float32.
+    """
+    import nibabel as nib
+
+    array = volume.detach().float().cpu().numpy() if isinstance(volume, torch.Tensor) else volume
+    array = np.asarray(array, dtype=np.float32)
+    while array.ndim > 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"volume must be 3D (D, H, W) after dropping unit axes, got {array.shape}")
+    matrix = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise ValueError(f"affine must be a 4 x 4 matrix, got shape {matrix.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, matrix), str(path))
+    return path
