@@ -4,7 +4,8 @@ Measures, on the default 2D synthetic benchmark (1200 images, 64 px, split 70/15
 SmallCNN classifier trained on it:
 
 - the generator (``similar_adversarial``) trained with and without random geometric
-  augmentation (at most ``--max-seconds`` each, 5 minutes by default): training time,
+  augmentation (``--max-seconds`` each, 280 s by default so that the fit with its final
+  validation stays within 5 minutes): training time,
   fraction of test images whose similar image keeps the prediction (``kept``) and whose
   adversarial image changes it (``flipped``);
 - per-image inference time of the generator, integrated gradients and iGOS++ (defaults;
@@ -93,7 +94,9 @@ def faithfulness(model, x: torch.Tensor, maps: torch.Tensor) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-seconds", type=float, default=300.0, help="generator training limit")
+    # 280 s: the time limit is checked after each step and the last (partial) epoch is still
+    # validated, so the whole fit stays within the 5 minutes the issue allows.
+    parser.add_argument("--max-seconds", type=float, default=280.0, help="generator training limit")
     parser.add_argument(
         "--n-slow", type=int, default=12, help="images for iGOS++ and deletion/insertion"
     )
@@ -200,7 +203,7 @@ def main() -> None:
         "similar_kept_ge_0.95": ours["test_similar_kept"] >= 0.95,
         "adversarial_flipped_ge_0.90": ours["test_adversarial_flipped"] >= 0.90,
         "auroc_ge_0.85": ours["auroc_mean"] >= 0.85,
-        "training_le_300s": ours["training_seconds"] <= 300.0 + 30.0,
+        "training_le_300s": ours["training_seconds"] <= 300.0,
         "augmentation_effect_on_generator_auroc": ours["auroc_mean"]
         - methods["similar_adversarial_no_augmentation"]["auroc_mean"],
         "augmentation_effect_on_ig_auroc": methods["augmented:integrated_gradients"]["auroc_mean"]

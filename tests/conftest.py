@@ -20,7 +20,7 @@ CACHE = Path(__file__).parent / ".cache"
 
 # One configuration for every test that needs "the benchmark classifier".
 BENCH2D = dict(n=1200, dims=2, size=64, seed=0)
-TRAIN2D = dict(epochs=15, batch_size=64, lr=3e-3, seed=0, max_seconds=120)
+TRAIN2D = dict(epochs=15, batch_size=64, lr=3e-3, seed=0, max_seconds=400)
 
 
 class _FileLock:
