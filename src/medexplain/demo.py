@@ -62,7 +62,7 @@ class DemoSettings:
     shortcut_class: int = 1
     widths: tuple[int, ...] = (8, 16, 32)
     train_epochs: int = 15
-    train_seconds: float = 90.0
+    train_seconds: float = 300.0
     n_explain: int = 150
     n_peppr: int = 150
     n_deletion: int = 32
@@ -83,7 +83,7 @@ class DemoSettings:
                 quick=quick,
                 n_images=600,
                 train_epochs=12,
-                train_seconds=150.0,
+                train_seconds=600.0,
                 n_explain=60,
                 n_deletion=12,
                 n_sanity=3,
@@ -91,7 +91,7 @@ class DemoSettings:
         if quick:
             settings.n_images = 800 if dims == 2 else 300
             settings.train_epochs = 8
-            settings.train_seconds = 30.0 if dims == 2 else 60.0
+            settings.train_seconds = 120.0 if dims == 2 else 300.0
             settings.n_explain = 48 if dims == 2 else 24
             settings.n_peppr = 60 if dims == 2 else 24
             settings.n_deletion = 12 if dims == 2 else 6
