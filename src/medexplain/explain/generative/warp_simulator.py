@@ -11,7 +11,7 @@ the log-odds ``log p_k / (1 - p_k)`` of class ``k`` under the softmax (a choice:
 logit of a binary softmax or of a single-logit model, and it cannot be moved by shifting
 every logit together); for a single-logit model ``f`` is that logit.
 
-Losses (authors' formulation, weights from their code):
+Losses (the authors' formulation and weights as METHODS.md section 5 gives them, plus one):
 
 - ``L_cls = mean relu(c (f(x) - f(x~)) + b)``: injection must raise ``f`` by at least the
   margin ``b``, removal must lower it by ``b``. The authors use ``b = 12.5`` for their
@@ -558,11 +558,7 @@ class WarpSimulatorExplainer(Explainer):
         x = x.to(self.device, torch.float32)
         with model_guard(simulator):
             parts = [
-                simulator.simulate(
-                    part,
-                    direction if isinstance(direction, int) else d,
-                    cls if isinstance(cls, int) else c,
-                )
+                simulator.simulate(part, d, c)
                 for part, d, c in zip(
                     torch.split(x, self.batch_size),
                     _split_like(direction, x.shape[0], self.batch_size),
