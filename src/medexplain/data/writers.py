@@ -1,4 +1,6 @@
-"""3D maps as NIfTI, carrying the source scan's affine so they overlay in ITK-SNAP/FSLeyes."""
+"""Writing 3D maps as NIfTI with the source scan's affine, so they overlay in ITK-SNAP/FSLeyes.
+
+Lives in the data layer so explainers (warp figures) and the report share one writer."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...data.writers import save_nifti  # noqa: F401  (re-exported)
 from ...spatial import spatial_dims_of
 from .jacobian import jacobian_determinant
 from .spatial_transform import check_displacement
@@ -96,31 +97,3 @@ def plot_warp(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
     return figure
-
-
-def save_nifti(
-    volume: torch.Tensor | np.ndarray,
-    path: str | os.PathLike,
-    affine: np.ndarray | torch.Tensor | None = None,
-) -> Path:
-    """Save a 3D map ``(D, H, W)`` (or ``(1, D, H, W)``, ``(1, 1, D, H, W)``) as NIfTI.
-
-    ``affine`` is the scans' 4 x 4 voxel-to-world matrix (identity when None), so the map
-    overlays the template in ITK-SNAP/FSLeyes. The array is written in the tensor's axis
-    order as float32.
-    """
-    import nibabel as nib
-
-    array = volume.detach().float().cpu().numpy() if isinstance(volume, torch.Tensor) else volume
-    array = np.asarray(array, dtype=np.float32)
-    while array.ndim > 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3:
-        raise ValueError(f"volume must be 3D (D, H, W) after dropping unit axes, got {array.shape}")
-    matrix = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    if matrix.shape != (4, 4):
-        raise ValueError(f"affine must be a 4 x 4 matrix, got shape {matrix.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, matrix), str(path))
-    return path
