@@ -125,6 +125,23 @@ def test_training_reduces_loss_and_fits_a_separable_task():
     assert result["auc"] >= 0.99
 
 
+def test_monitor_loss_restores_the_epoch_of_lowest_validation_cross_entropy():
+    """``monitor="loss"``: the restored model's validation cross-entropy, recomputed here
+    with torch's reference loss, is the smallest of the epochs' validation values."""
+    train, val = half_mean_task(256, size=8, seed=0), half_mean_task(64, size=8, seed=1)
+    model = small()
+    history = train_classifier(
+        model, train, val, epochs=6, batch_size=32, lr=1e-2, monitor="loss", progress=False
+    )
+    x, y = val.tensors
+    with torch.no_grad():
+        restored = float(nn.functional.cross_entropy(model(x), y))
+    assert history.best_epoch == int(np.argmin(history.val_metric))
+    assert restored == pytest.approx(min(history.val_metric), rel=1e-4)
+    with pytest.raises(ValueError, match="monitor"):
+        train_classifier(small(), train, val, epochs=1, monitor="auc", progress=False)
+
+
 def test_3d_model_on_volumes_learns_the_same_task():
     data = half_mean_task(64, dims=3, size=8, seed=2)
     model = small(dims=3)

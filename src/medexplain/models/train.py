@@ -362,6 +362,17 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).float().mean())
 
 
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean validation cross-entropy (binary for a single logit)."""
+    if logits.shape[1] == 1:
+        return float(F.binary_cross_entropy_with_logits(logits[:, 0], labels.float()))
+    return float(F.cross_entropy(logits, labels.long()))
+
+
+#: What ``train_classifier`` selects the best epoch by.
+MONITORS = ("accuracy", "loss")
+
+
 def train_classifier(
     model: nn.Module,
     train: Dataset,
@@ -377,14 +388,19 @@ def train_classifier(
     progress: bool = True,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     bn_samples: int = 256,
+    monitor: str = "accuracy",
 ) -> TrainHistory:
     """Train a classifier returning logits ``(B, K)`` with cross-entropy (Adam).
 
-    ``val`` (optional) is scored by accuracy after every epoch; the best epoch's weights
-    are restored (see :func:`train_loop`). ``augment(x) -> x`` is applied to each training
-    batch ``(B, C, *spatial)`` on the device. ``device`` moves the model there (default:
-    where the model already is). Shuffling is seeded by ``seed``. A model with a single
-    logit is trained with binary cross-entropy on labels 0/1.
+    ``val`` (optional) is scored after every epoch by ``monitor``: ``"accuracy"`` (higher is
+    better) or ``"loss"`` (validation cross-entropy, lower is better); the best epoch's
+    weights are restored (see :func:`train_loop`). Accuracy saturates early on easy data
+    and then restores an early, under-confident model; select by loss when the predicted
+    probabilities matter (e.g. thresholds on ``f_c`` such as SAG's 0.9 P).
+    ``augment(x) -> x`` is applied to each training batch ``(B, C, *spatial)`` on the
+    device. ``device`` moves the model there (default: where the model already is).
+    Shuffling is seeded by ``seed``. A model with a single logit is trained with binary
+    cross-entropy on labels 0/1.
 
     Batch-norm running statistics are re-estimated on a fixed random subset of
     ``bn_samples`` training images (without ``augment``) before every validation and at
@@ -394,6 +410,8 @@ def train_classifier(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if augment is not None and not callable(augment):
         raise TypeError("augment must be callable: augment(x) -> x")
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
     if device is not None:
         model.to(device)
     dev = _module_device(model)
@@ -422,14 +440,15 @@ def train_classifier(
 
         def val_fn() -> float:
             calibrate()
-            return _accuracy(*_predict(model, val, max(int(batch_size), 128), dev))
+            scored = _predict(model, val, max(int(batch_size), 128), dev)
+            return _accuracy(*scored) if monitor == "accuracy" else _cross_entropy(*scored)
 
     history = train_loop(
         model,
         loss_fn,
         loader,
         val_fn=val_fn,
-        higher_is_better=True,
+        higher_is_better=monitor == "accuracy",
         epochs=epochs,
         lr=lr,
         patience=patience,
