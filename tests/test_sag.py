@@ -141,11 +141,12 @@ def test_3d_cubes_and_bad_input():
 @pytest.fixture(scope="module")
 def redundant_cases(classifier2d_redundant):
     """Test-split lesion images of the redundant benchmark, correctly classified, with a blob
-    in both regions, and their healthy counterparts (the subject without its lesions)."""
+    in both regions; their healthy counterparts (the subject without its lesions); the
+    training split's mean image."""
     from medexplain.data.synthetic import make_benchmark, render, sample_subjects
 
     full = make_benchmark(n=1200, dims=2, size=64, seed=0, redundant=True)
-    _, _, test = full.split()
+    train, _, test = full.split()
     lesion = test.class_names.index("lesion")
     with torch.no_grad():
         predicted = classifier2d_redundant(test.images).argmax(1)
@@ -160,14 +161,14 @@ def redundant_cases(classifier2d_redundant):
     ]
     in_full = [int((full.images == test.images[i]).flatten(1).all(1).nonzero()[0]) for i in chosen]
     healthy = render(sample_subjects(**full.config).select(torch.tensor(in_full)), effects=False)
-    return test, chosen, healthy.images, lesion
+    return test, chosen, healthy.images, lesion, train.mean_image()
 
 
 @pytest.mark.slow
 def test_roots_are_minimal_sufficient_on_the_benchmark_classifier(
     classifier2d_redundant, redundant_cases, tmp_path
 ):
-    test, chosen, _, lesion = redundant_cases
+    test, chosen, _, lesion, _ = redundant_cases
     model = classifier2d_redundant
     x = test.images[chosen[0] : chosen[0] + 1]
     fast = dict(candidates=6, max_roots=4, max_nodes=20)
@@ -197,41 +198,43 @@ def test_roots_are_minimal_sufficient_on_the_benchmark_classifier(
     assert [r.patches for r in out.roots] == [r.patches for r in result.roots]
 
 
-#: Images checked by the redundancy test (of the ~24 qualifying test-split images).
+#: Images checked by the redundancy test (of the ~24 qualifying test-split images), and how
+#: many must show both regions (issue 5: >= 80 %).
 N_REDUNDANT = 8
+MIN_FOUND = 7
 
 
-@pytest.mark.skip(
-    reason="measured 0/8 with zero and mean baselines (threshold 0.9 and 0.7): on "
-    "classifier2d_redundant one blob region alone gives only 0.60-0.95 P even with the "
-    "healthy-counterpart baseline, so single-region roots rarely exist; see the report"
-)
-def test_redundant_evidence_gives_two_disjoint_roots(classifier2d_redundant, redundant_cases):
-    """With the subject's healthy counterpart as baseline (hidden patches show the same
-    subject without lesions), each blob region is sufficient on its own for most images;
-    SAG must then find two disjoint roots, one overlapping each region."""
-    test, chosen, healthy, lesion = redundant_cases
-    model = classifier2d_redundant
+def two_region_roots(result, parts) -> bool:
+    """Two disjoint roots, one overlapping each ground-truth region of ``parts``."""
+    covers = [[bool((result.patch_mask(r.patches) & p).any()) for p in parts] for r in result.roots]
+    return any(
+        set(a.patches).isdisjoint(b.patches) and covers[ia][0] and covers[ib][1]
+        for ia, a in enumerate(result.roots)
+        for ib, b in enumerate(result.roots)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("baseline", ["mean", "healthy"])
+def test_redundant_evidence_gives_two_disjoint_roots(
+    classifier2d_redundant, redundant_cases, baseline
+):
+    """Each blob region is sufficient on its own by construction (the classifier saw lesion
+    images with one blob in either region). Hidden patches show the training split's mean
+    image (the natural absence for aligned data) or the subject's healthy counterpart: SAG
+    must then return two disjoint roots, one overlapping each region, for >= 80 % of the
+    images. (The paper's black baseline is far outside this data: a region alone keeps only
+    ~0.7 P there, so it is not tested; benchmarks/sag.py reports it.)"""
+    test, chosen, healthy, lesion, mean_image = redundant_cases
     found = 0
     for k, i in enumerate(chosen[:N_REDUNDANT]):
-        x = test.images[i : i + 1]
-        result = StructuredAttentionGraph(
-            model, baseline=healthy[k : k + 1], threshold=THRESHOLD, max_nodes=1
-        ).explain_image(x, lesion)
-        covers = [
-            [bool((result.patch_mask(r.patches) & test.evidence_parts[i, p]).any()) for p in (0, 1)]
-            for r in result.roots
-        ]
-        found += any(
-            set(a.patches).isdisjoint(b.patches) and covers[ia][0] and covers[ib][1]
-            for ia, a in enumerate(result.roots)
-            for ib, b in enumerate(result.roots)
+        hidden = {"baseline": healthy[k : k + 1]} if baseline == "healthy" else {}
+        params = hidden or {"baseline": "mean", "mean_image": mean_image}
+        result = StructuredAttentionGraph(classifier2d_redundant, max_nodes=1, **params)
+        found += two_region_roots(
+            result.explain_image(test.images[i : i + 1], lesion), test.evidence_parts[i]
         )
     assert found >= MIN_FOUND, f"{found}/{N_REDUNDANT} images with two disjoint region roots"
-
-
-THRESHOLD = 0.9
-MIN_FOUND = 5
 
 
 def test_registered_map_is_weighted_root_coverage():

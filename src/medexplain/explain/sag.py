@@ -13,7 +13,8 @@ it below. Search (batched over all successors of one depth)::
         successors = {S + j : S in beam, j among the q best-H patches not in S}
         score them all (batched forward passes), best first
         sufficient -> prune to minimal (drop the patch whose removal keeps the highest score
-                      while it stays sufficient) and record as a root if new
+                      while it stays sufficient) and record as a root if new;
+                      skipped when it contains a known root
         otherwise  -> next beam (the beam_width best)
         stop when more than max_roots roots were found
 
@@ -28,7 +29,10 @@ image size (blocks of ``n / g`` pixels, sizes differing by at most one); the I-G
 heuristic uses the same baseline as the search, and runs at ``max(g, 4)`` cells per axis
 (I-GOS' minimum) pooled back to ``g`` by averaging; scores of sets already evaluated are
 cached (a set is never sent through the model twice, so batched and one-at-a-time modes
-make the same passes); ties (equal scores) keep the order in which sets were generated.
+make the same passes); ties (equal scores) keep the order in which sets were generated; a
+sufficient successor that contains a root already found is neither pruned nor expanded (its
+pruning mostly returns that root again, at a cost quadratic in its size: without this rule
+one 64 x 64 image took 170,000 passes once every further set contained a known root).
 
 Registered explainer ``sag``: its map is, for every pixel, the score-weighted fraction of the
 diverse roots whose patches cover it, ``sum_r w_r [pixel in r] / sum_r w_r`` with
@@ -368,6 +372,9 @@ class StructuredAttentionGraph(Explainer):
             next_beam: list[PatchSet] = []
             for i in ranking:
                 if scores[i] >= need:
+                    members = set(successors[i])
+                    if any(members.issuperset(root) for root in roots):
+                        continue  # holds a known root: pruning would re-find known ground
                     roots.setdefault(self._prune(scorer, successors[i], need))
                     if len(roots) > self.max_roots:
                         return list(roots)
