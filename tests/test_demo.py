@@ -56,6 +56,11 @@ def test_tiny_demo_writes_everything(tmp_path):
         for key in ("erase_area", "restore_area", "random_erase_area"):
             assert 0.0 <= method["peppr"][key] <= 1.0
         assert 0.0 <= method["global"]["shortcut_fraction"] <= 1.0
+    # SAG on the first examples: its figure in the report, its roots in the JSON.
+    assert 1 <= len(on_disk["sag"]["images"]) <= settings.sag_images
+    for rank, entry in enumerate(on_disk["sag"]["images"]):
+        assert (tmp_path / "figures" / f"sag_{rank}.png").stat().st_size > 1000
+        assert all(0 <= p < 49 for root in entry["roots"] for p in root)
     # One random-order control shared by every method.
     randoms = {m["peppr"]["random_erase_area"] for m in on_disk["methods"].values()}
     assert len(randoms) == 1
@@ -66,3 +71,22 @@ def test_tiny_demo_writes_everything(tmp_path):
     assert lesion.shape[-2:] == (64, 64) and np.isfinite(lesion).all()
     for name in ("examples", "global_saliency", "peppr_gradcam"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+def test_costly_methods_explain_a_subset_and_volumes_get_their_parameters():
+    """The per-method image counts and 3D parameters of ``DEMO_METHODS`` reach the run:
+    the smaller of the mode's and the 3D count, never more than the explained set."""
+    from medexplain.demo import DEMO_METHODS
+
+    table = DEMO_METHODS["igos++"]
+    default, quick = DemoSettings.for_run(), DemoSettings.for_run(quick=True)
+    volumes = DemoSettings.for_run(dims=3)
+    assert default.method_images("igos++") == (table["images"]["default"], 1)
+    assert quick.method_images("igos++") == (table["images"]["quick"], 1)
+    assert volumes.method_images("igos++") == (table["images"]["3d"], 0)
+    assert default.method_images("saliency") == (default.n_explain, default.n_sanity)
+    tiny = DemoSettings.for_run(n_explain=5)
+    assert tiny.method_images("igos") == (5, 1)
+    assert volumes.method_params("occlusion") == {"window_fraction": 0.25}
+    assert default.method_params("occlusion") == {}
+    assert volumes.method_params("igos")["size"] == 8

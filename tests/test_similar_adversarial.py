@@ -31,9 +31,9 @@ from medexplain.explain.generative.unet import UNet, UNetConfig
 from medexplain.metrics.localization import auroc
 from medexplain.models.checkpoint import load_checkpoint
 
-# Short fit of the behavioural tests: 48 steps on 192 images, without augmentation (which
+# Short fit of the behavioural tests: 96 steps on 192 images, without augmentation (which
 # slows early convergence; it is tested separately below and measured in the benchmark).
-SHORT_FIT = dict(widths=(8, 16, 32), epochs=4, lr=3e-3, train_batch_size=16, augment=False)
+SHORT_FIT = dict(widths=(8, 16, 32), epochs=8, lr=3e-3, train_batch_size=16, augment=False)
 N_TRAIN = 192
 
 
@@ -134,7 +134,8 @@ def test_similar_keeps_and_adversarial_flips_the_decision(fitted, bench2d):
     """After a short fit on 192 training images, on the 180 unseen test images: the similar
     image keeps the decision and the adversarial one changes it.
 
-    Measured on the reference machine: 100 % kept, 100 % flipped. We require 95 % / 85 %
+    Measured on the reference machine: 100 % kept, 99.4 % flipped (with 4 epochs instead of
+    8, a classifier trained on another thread count flipped only 73 %). We require 95 % / 85 %
     (the issue's targets after the full training are 95 % / 90 %): the margin absorbs a
     different training trajectory on another BLAS, and both bounds are far from what an
     untrained generator gives (it is the identity: 100 % kept, 0 % flipped)."""
@@ -151,9 +152,10 @@ def test_difference_map_localizes_the_ground_truth(fitted, bench2d):
     """|x_s - x_a| ranks the evidence pixels (lesion blob, shrunken nucleus) above the rest:
     per-image AUROC on the test images that have evidence (chance = 0.5).
 
-    Measured after the short fit: 0.85 over all, 0.93 on lesion images (the blob edit is
-    learnt first; undoing an atrophy takes longer). We require 0.75 and 0.85; the issue's
-    0.85 target for the full training is checked by benchmarks/learned_explainers.py."""
+    Measured after the short fit: 0.89 over all, 0.95 on lesion images (the blob edit is
+    learnt first; undoing an atrophy takes longer; 4 epochs gave 0.81 on lesion images).
+    We require 0.75 and 0.85; the issue's 0.85 target for the full training is checked by
+    benchmarks/learned_explainers.py."""
     _, _, test = bench2d
     has = test.evidence.flatten(1).any(1)
     x = test.images[has]
