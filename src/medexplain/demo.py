@@ -117,6 +117,7 @@ class DemoSettings:
                 train_epochs=12,
                 train_seconds=600.0,
                 n_explain=32,
+                n_peppr=48,
                 n_deletion=8,
                 n_sanity=2,
             )
