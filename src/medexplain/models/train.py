@@ -362,11 +362,12 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).float().mean())
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean validation cross-entropy (binary for a single logit)."""
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits ``(B, K)`` (binary for a single logit): the training
+    loss, and the validation score of ``monitor="loss"``."""
     if logits.shape[1] == 1:
-        return float(F.binary_cross_entropy_with_logits(logits[:, 0], labels.float()))
-    return float(F.cross_entropy(logits, labels.long()))
+        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
+    return F.cross_entropy(logits, labels.long())
 
 
 #: What ``train_classifier`` selects the best epoch by.
@@ -425,9 +426,7 @@ def train_classifier(
         logits = model(x)
         if logits.dim() != 2:
             raise ValueError(f"the model must return logits (B, K); got {tuple(logits.shape)}")
-        if logits.shape[1] == 1:
-            return F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
-        return F.cross_entropy(logits, y)
+        return _classification_loss(logits, y)
 
     calibration = _calibration_loader(model, train, batch_size, bn_samples, seed)
 
@@ -441,7 +440,9 @@ def train_classifier(
         def val_fn() -> float:
             calibrate()
             scored = _predict(model, val, max(int(batch_size), 128), dev)
-            return _accuracy(*scored) if monitor == "accuracy" else _cross_entropy(*scored)
+            if monitor == "accuracy":
+                return _accuracy(*scored)
+            return float(_classification_loss(*scored))
 
     history = train_loop(
         model,
