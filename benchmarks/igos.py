@@ -51,28 +51,16 @@ from medexplain.perturb import make_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import BENCH2D, CACHE, TRAIN2D  # noqa: E402
+from conftest import BENCH2D, TRAIN2D, cached_classifier  # noqa: E402
 
 
 def load_classifier():
     """The benchmark split and the suite's trained classifier (trained when not cached)."""
     from medexplain.data.synthetic import make_benchmark
-    from medexplain.models.checkpoint import load_checkpoint, save_checkpoint
-    from medexplain.models.cnn import CNNConfig, build_classifier
-    from medexplain.models.train import train_classifier
 
-    train, val, test = make_benchmark(**BENCH2D).split()
-    mean_image = train.mean_image()
-    key = "_".join(f"{k}{v}" for k, v in sorted({**BENCH2D, **TRAIN2D}.items()))
-    path = CACHE / f"classifier2d_{key}.pt"
-    if not path.exists():
-        config = CNNConfig(in_channels=1, num_classes=len(train.class_names), spatial_dims=2)
-        model = build_classifier(config)
-        train_classifier(model, train.dataset(), val.dataset(), progress=False, **TRAIN2D)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, model, extra={"class_names": list(train.class_names)})
-    model, _ = load_checkpoint(path)
-    return test, mean_image, model.eval()
+    train, _, test = make_benchmark(**BENCH2D).split()
+    model = cached_classifier("classifier2d", BENCH2D, TRAIN2D)
+    return test, train.mean_image(), model
 
 
 def rank_auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:

@@ -28,26 +28,9 @@ from medexplain.explain.sag import StructuredAttentionGraph
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import BENCH2D_REDUNDANT as BENCH  # noqa: E402
-from conftest import CACHE  # noqa: E402
 from conftest import TRAIN2D_REDUNDANT as TRAIN  # noqa: E402
+from conftest import cached_classifier  # noqa: E402
 from test_sag import two_region_roots  # noqa: E402  (the tests' check, reused)
-
-
-def classifier(train, val):
-    """The test suite's redundant-benchmark classifier (tests/conftest.py), trained and
-    cached there when missing (about 2 minutes)."""
-    from medexplain.models.checkpoint import load_checkpoint, save_checkpoint
-    from medexplain.models.cnn import CNNConfig, build_classifier
-    from medexplain.models.train import train_classifier
-
-    key = "_".join(f"{k}{v}" for k, v in sorted({**BENCH, **TRAIN}.items()))
-    path = CACHE / f"classifier2d_redundant_{key}.pt"
-    if not path.exists():
-        model = build_classifier(CNNConfig(in_channels=1, num_classes=3, spatial_dims=2))
-        train_classifier(model, train.dataset(), val.dataset(), progress=False, **TRAIN)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, model, extra={"class_names": list(train.class_names)})
-    return load_checkpoint(path)[0].eval()
 
 
 def main() -> None:
@@ -58,8 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     full = make_benchmark(**BENCH)
-    train, val, test = full.split()
-    model = classifier(train, val)
+    train, _, test = full.split()
+    model = cached_classifier("classifier2d_redundant", BENCH, TRAIN)
     lesion = test.class_names.index("lesion")
     with torch.no_grad():
         predicted = model(test.images).argmax(1)

@@ -53,26 +53,37 @@ def bench2d():
     return make_benchmark(**BENCH2D).split()
 
 
-@pytest.fixture(scope="session")
-def classifier2d(bench2d):
-    """A SmallCNN trained on ``bench2d`` (eval mode, CPU), cached across workers and runs."""
+def cached_classifier(name: str, bench: dict, training: dict):
+    """A SmallCNN trained on ``make_benchmark(**bench)`` (its train/val parts) with
+    ``train_classifier(**training)``, cached in ``tests/.cache`` under ``name`` and a key of
+    both settings, trained by one process while the others wait (xdist workers; the
+    benchmarks in ``benchmarks/`` reuse the same file). Returns it in eval mode on the CPU."""
+    from medexplain.data.synthetic import make_benchmark
     from medexplain.models.checkpoint import load_checkpoint, save_checkpoint
     from medexplain.models.cnn import CNNConfig, build_classifier
     from medexplain.models.train import train_classifier
 
-    train, val, _ = bench2d
-    key = "_".join(f"{k}{v}" for k, v in sorted({**BENCH2D, **TRAIN2D}.items()))
-    path = CACHE / f"classifier2d_{key}.pt"
-    with _FileLock(CACHE / "classifier2d.lock"):
+    key = "_".join(f"{k}{v}" for k, v in sorted({**bench, **training}.items()))
+    path = CACHE / f"{name}_{key}.pt"
+    with _FileLock(CACHE / f"{name}.lock"):
         if not path.exists():
-            config = CNNConfig(in_channels=1, num_classes=len(train.class_names), spatial_dims=2)
-            model = build_classifier(config)
-            train_classifier(
-                model, train.dataset(), val.dataset(), progress=False, **TRAIN2D_REDUNDANT
+            train, val, _ = make_benchmark(**bench).split()
+            config = CNNConfig(
+                in_channels=1,
+                num_classes=len(train.class_names),
+                spatial_dims=int(bench.get("dims", 2)),
             )
+            model = build_classifier(config)
+            train_classifier(model, train.dataset(), val.dataset(), progress=False, **training)
             save_checkpoint(path, model, extra={"class_names": list(train.class_names)})
     model, _ = load_checkpoint(path)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def classifier2d():
+    """A SmallCNN trained on the default benchmark ``BENCH2D`` with ``TRAIN2D`` (cached)."""
+    return cached_classifier("classifier2d", BENCH2D, TRAIN2D)
 
 
 # The redundant variant (two lesion regions, each sufficient alone): SAG's tests (issue 5).
@@ -88,21 +99,4 @@ def classifier2d_redundant():
     """A SmallCNN trained on ``make_benchmark(n=1200, redundant=True, seed=0)`` (its first
     split part), trained like ``classifier2d`` but for up to 30 epochs selected by validation
     loss (``TRAIN2D_REDUNDANT``); eval mode, CPU, cached like it."""
-    from medexplain.data.synthetic import make_benchmark
-    from medexplain.models.checkpoint import load_checkpoint, save_checkpoint
-    from medexplain.models.cnn import CNNConfig, build_classifier
-    from medexplain.models.train import train_classifier
-
-    key = "_".join(f"{k}{v}" for k, v in sorted({**BENCH2D_REDUNDANT, **TRAIN2D_REDUNDANT}.items()))
-    path = CACHE / f"classifier2d_redundant_{key}.pt"
-    with _FileLock(CACHE / "classifier2d_redundant.lock"):
-        if not path.exists():
-            train, val, _ = make_benchmark(**BENCH2D_REDUNDANT).split()
-            config = CNNConfig(in_channels=1, num_classes=len(train.class_names), spatial_dims=2)
-            model = build_classifier(config)
-            train_classifier(
-                model, train.dataset(), val.dataset(), progress=False, **TRAIN2D_REDUNDANT
-            )
-            save_checkpoint(path, model, extra={"class_names": list(train.class_names)})
-    model, _ = load_checkpoint(path)
-    return model.eval()
+    return cached_classifier("classifier2d_redundant", BENCH2D_REDUNDANT, TRAIN2D_REDUNDANT)
