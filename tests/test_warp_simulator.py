@@ -156,6 +156,59 @@ def test_diffeomorphic_simulator_integrates_its_velocity():
     assert jacobian_determinant(net(x, cond)).min() > 0
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_coarse_field_of_an_affine_warp_is_resampled_exactly(dims):
+    """An affine displacement ``u(p) = A (p - c)`` on the coarse grid (coarse voxels) is the
+    same affine map on the image grid (image voxels): linear interpolation reproduces affine
+    fields, and a coarse voxel spans ``(n - 1) / (m - 1)`` image voxels, so J = det(I + A)."""
+    shape = {2: (33, 25), 3: (17, 13, 9)}[dims]
+    net = WarpSimulator(WarpSimulatorConfig(spatial_dims=dims, widths=(4,), field_downsample=2))
+    coarse = net.field_shape(shape)
+    assert coarse == tuple((n - 1) // 2 + 1 for n in shape)
+    spacing = torch.tensor([(n - 1) / (m - 1) for n, m in zip(shape, coarse)], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(dims)
+    A = 0.1 * torch.randn(dims, dims, generator=generator, dtype=torch.float64)
+    c = torch.tensor(shape, dtype=torch.float64) / 3
+    q = identity_grid(coarse, dtype=torch.float64)[0].reshape(dims, -1)
+    # the same map in coarse voxels: p = spacing * q, u_coarse = u(p) / spacing
+    u_coarse = (A @ (spacing.view(-1, 1) * q - c.view(-1, 1))) / spacing.view(-1, 1)
+    u = net.to_image_grid(u_coarse.reshape(1, dims, *coarse), shape)
+    p = identity_grid(shape, dtype=torch.float64)[0].reshape(dims, -1)
+    assert torch.allclose(u, (A @ (p - c.view(-1, 1))).reshape(1, dims, *shape), atol=1e-9)
+    det = jacobian_determinant(u)
+    expected = torch.linalg.det(torch.eye(dims, dtype=torch.float64) + A)
+    assert torch.allclose(det, expected.expand_as(det), atol=1e-9)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_coarse_diffeomorphic_simulator_does_not_fold(dims):
+    """``field_downsample=2`` integrates the velocity on the coarse grid (VoxelMorph-diff's
+    half-resolution integration) and resamples: the image-grid warp keeps J > 0 even for
+    a strong random head."""
+    shape = {2: (40, 36), 3: (20, 18, 16)}[dims]
+    config = WarpSimulatorConfig(
+        spatial_dims=dims, num_classes=2, widths=(4, 8), diffeomorphic=True, field_downsample=2
+    )
+    net = WarpSimulator(config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        net.head.weight.normal_(0.0, 10.0)
+    x = torch.rand(2, 1, *shape)
+    cond = make_condition(1, -1, 2, 2)
+    velocity = net.field(x, cond)
+    assert velocity.shape == (2, dims, *net.field_shape(shape))
+    u = net(x, cond)
+    assert u.shape == (2, dims, *shape)
+    # used as a displacement (resampled the same way), the velocity folds
+    assert folding_fraction(net.to_image_grid(velocity, shape)).max() > 0
+    assert jacobian_determinant(u).min() > 0
+    with pytest.raises(ValueError, match="field_downsample"):
+        WarpSimulatorConfig(field_downsample=0)
+    # the default: full resolution in 2D, half in 3D
+    assert WarpSimulatorConfig(spatial_dims=2).field_downsample == 1
+    assert WarpSimulatorConfig(spatial_dims=3).field_downsample == 2
+
+
 # --------------------------------------------------------------------------- the network
 
 
@@ -371,3 +424,50 @@ def test_figure_centres_the_jacobian_at_one_and_nifti_keeps_the_affine(tmp_path)
     np.testing.assert_allclose(image.get_fdata(), det[0, 0].numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="3D"):
         save_nifti(torch.zeros(4, 4), tmp_path / "bad.nii.gz")
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+class _StubSimulator:
+    """A stand-in with known answers for evaluate_warp_simulator: f moves by the given shifts;
+    every simulation adds 0.1 (so remove-then-inject ends 0.2 away from the image); the
+    displacement stretches axis 0 by ``k`` (J = k exactly: -0.5 on removal folds every pixel,
+    2 on injection none); the map is the image itself."""
+
+    margin = 1.0
+
+    def __init__(self, shifts):
+        self.shifts = shifts
+
+    def score_shift(self, x, direction, cls):
+        return torch.zeros(len(x)), direction * self.shifts[direction][: len(x)]
+
+    def simulate(self, x, direction, cls):
+        k = -0.5 if direction == -1 else 2.0
+        p = identity_grid(tuple(x.shape[2:]))
+        u = torch.zeros(len(x), 2, *x.shape[2:])
+        u[:, 0] = (k - 1) * p[0, 0]
+        return x + 0.1, u
+
+    def __call__(self, x, cls):
+        return x
+
+
+def test_evaluation_measures_by_hand():
+    from medexplain.explain.generative.warp_evaluation import evaluate_warp_simulator
+
+    truth = torch.zeros(1, 1, 6, 5, dtype=torch.bool)
+    truth[..., 1:3, 2:4] = True
+    removal = truth.float().repeat(4, 1, 1, 1) + 0.01 * torch.rand(4, 1, 6, 5)  # map = truth
+    injection = 1.0 - truth.float().repeat(2, 1, 1, 1)  # map = the complement
+    stub = _StubSimulator({-1: torch.tensor([0.5, 1.0, 1.5, 3.0]), 1: torch.tensor([2.0, 0.2])})
+    scores = evaluate_warp_simulator(
+        stub, 0, removal, injection, removal_truth=truth, injection_truth=truth
+    )
+    assert scores["reached_removal"] == 0.75 and scores["median_shift_removal"] == 1.0
+    assert scores["reached_injection"] == 0.5
+    assert scores["folding_fraction"] == pytest.approx(4 / 6)  # every removal pixel folds
+    variance = torch.cat([removal, injection]).flatten(1).var(1).mean()
+    assert scores["cycle_relative_mse"] == pytest.approx(0.04 / float(variance), rel=1e-5)
+    assert scores["auroc_removal"] == 1.0 and scores["auroc_injection"] == 0.0
