@@ -31,6 +31,13 @@ def demo(
     ] = "",
     seed: Annotated[int, typer.Option(help="Seed for data, training and explainers.")] = 0,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda:0.")] = "cpu",
+    warp_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="Fit a warping simulator for the atrophy class for at most this long "
+            "(0: skip; default: 180 s with --dims 3, skipped in 2D)."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run the whole chain on the built-in aligned benchmark.
@@ -38,7 +45,9 @@ def demo(
     Generates the benchmark (with a corner-marker shortcut in one class), trains a
     classifier, explains the test images with several methods, aggregates label-wise
     global maps, and proves them with PEPPR, deletion/insertion, localization and
-    sanity checks. Writes OUT/results.json, OUT/maps/, OUT/figures/, OUT/report.html.
+    sanity checks. With --dims 3 (or --warp-seconds) it also fits a warping simulator for
+    the atrophy class and shows its Jacobian maps. Writes OUT/results.json, OUT/maps/,
+    OUT/figures/, OUT/report.html.
 
     Example: medexplain demo --quick --out runs/quick
     """
@@ -47,6 +56,10 @@ def demo(
     if dims not in (2, 3):
         raise typer.BadParameter("--dims must be 2 or 3")
     settings = DemoSettings.for_run(dims=dims, quick=quick, seed=seed, device=device)
+    if warp_seconds is not None:
+        if warp_seconds < 0:
+            raise typer.BadParameter("--warp-seconds must be >= 0")
+        settings.warp_seconds = warp_seconds
     if methods:
         settings.methods = tuple(name.strip() for name in methods.split(",") if name.strip())
     results = run_demo(out, settings, progress=progress)

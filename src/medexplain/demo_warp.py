@@ -1,0 +1,136 @@
+"""The demo's warping-simulator section (METHODS.md section 5, issue 7).
+
+A conditional warping simulator is fitted for the benchmark's ``atrophy`` class against the
+demo classifier (removal on atrophy images, injection on the others), then scored on held-out
+test images the classifier gets right
+(:func:`~medexplain.explain.generative.warp_evaluation.evaluate_warp_simulator`): removal on
+atrophy images, injection into healthy ones. Writes ``warp_simulator.pt`` (loads with
+``weights_only=True``), ``figures/warp_removal.png`` and ``figures/warp_injection.png``
+(original, simulated, ``|u|``, Jacobian centred at 1) and, for volumes, NIfTI files in
+``maps/warp_simulator/``: the Jacobian and the simulated image of the first example of each
+direction, and the mean ``log J`` of the removal warps over the atrophy images.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.synthetic import SyntheticBenchmark
+from .explain.generative.jacobian import jacobian_determinant
+from .explain.generative.warp_evaluation import DIRECTIONS, evaluate_warp_simulator
+from .explain.generative.warp_figures import plot_warp
+from .explain.generative.warp_simulator import fit_warp_simulator
+from .report.nifti import save_nifti
+
+WARP_CLASS = "atrophy"
+HEALTHY_CLASS = "healthy"
+
+
+def _slice_through(region: torch.Tensor) -> int | None:
+    """For a volume region ``(*S)`` (3D), the index along the first axis with the most
+    region voxels (so the figures cut through the evidence); None for 2D."""
+    if region.dim() != 3:
+        return None
+    return int(region.flatten(1).sum(1).argmax())
+
+
+def run_warp_section(
+    model: nn.Module,
+    train: SyntheticBenchmark,
+    val: SyntheticBenchmark,
+    test: SyntheticBenchmark,
+    out: Path,
+    *,
+    max_seconds: float,
+    n_images: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Fit, score and draw the simulator; returns its JSON entry and the figure paths.
+
+    ``model`` is the demo's frozen classifier; ``train``/``val`` fit the simulator,
+    ``n_images`` correctly classified ``test`` images per direction score it.
+    """
+    names = list(test.class_names)
+    if WARP_CLASS not in names or HEALTHY_CLASS not in names:
+        return {"skipped": f"the benchmark has no {WARP_CLASS!r} and {HEALTHY_CLASS!r} classes"}, {}
+    cls = names.index(WARP_CLASS)
+    started = time.perf_counter()
+    explainer = fit_warp_simulator(
+        model,
+        train.dataset(),
+        val.dataset(),
+        target_class=cls,
+        out=out / "warp_simulator.pt",
+        max_seconds=max_seconds,
+        seed=seed,
+        progress=progress,
+    )
+    history = explainer.history
+    entry: dict[str, Any] = {
+        "class": WARP_CLASS,
+        "checkpoint": "warp_simulator.pt",
+        "parameters": {**explainer.network_params, "max_seconds": max_seconds},
+        "fit": {
+            "seconds": history.seconds,
+            "steps": history.steps,
+            "epochs": len(history.train_loss),
+            "stop_reason": history.stop_reason,
+        },
+    }
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        predicted = torch.cat(
+            [model(part.to(device)).argmax(1).cpu() for part in torch.split(test.images, 64)]
+        )
+    correct = predicted == test.labels
+    healthy = names.index(HEALTHY_CLASS)
+    parts = {
+        "removal": test.subset((correct & (test.labels == cls)).nonzero().flatten()[:n_images]),
+        "injection": test.subset(
+            (correct & (test.labels == healthy)).nonzero().flatten()[:n_images]
+        ),
+    }
+    region = test.regions[WARP_CLASS]
+    entry["scores"] = evaluate_warp_simulator(
+        explainer,
+        cls,
+        parts["removal"].images,
+        parts["injection"].images,
+        removal_truth=parts["removal"].evidence,
+        injection_truth=region[None],
+    )
+
+    figures: dict[str, Path] = {}
+    slice_index = _slice_through(region[0])
+    maps_dir = out / "maps" / "warp_simulator"
+    for name, part in parts.items():
+        if len(part) == 0:
+            continue
+        x = part.images[:2]
+        simulated, displacement = explainer.simulate(x, DIRECTIONS[name], cls)
+        det = jacobian_determinant(displacement)
+        figures[f"warp_{name}"] = out / "figures" / f"warp_{name}.png"
+        plot_warp(
+            x,
+            simulated.cpu(),
+            displacement.cpu(),
+            det.cpu(),
+            path=figures[f"warp_{name}"],
+            slice_index=slice_index,
+            titles=[f"{name} ({names[int(label)]})" for label in part.labels[:2]],
+        )
+        if test.images.dim() == 5:
+            save_nifti(det[0, 0], maps_dir / f"{name}_jacobian.nii.gz")
+            save_nifti(simulated[0, 0], maps_dir / f"{name}_simulated.nii.gz")
+    if test.images.dim() == 5 and len(parts["removal"]):
+        mean_map = explainer(parts["removal"].images, cls).mean(0)[0]
+        save_nifti(mean_map, maps_dir / "removal_mean_log_jacobian.nii.gz")
+    entry["seconds_total"] = time.perf_counter() - started
+    return entry, figures
