@@ -314,6 +314,18 @@ def test_unfitted_explainer_raises_and_bad_parameters_are_named():
         create("warp_simulator", model, colour="red")
     with pytest.raises(ValueError, match="margin"):
         create("warp_simulator", model, margin=-1.0)
+    with pytest.raises(ValueError, match="margin_fraction"):
+        create("warp_simulator", model, margin_fraction=0.0)
+
+
+def test_auto_margin_is_the_fraction_of_the_median_absolute_score():
+    from medexplain.explain.generative.warp_simulator import auto_margin
+
+    scores = torch.tensor([-4.0, 1.0, 2.0, -3.0, 10.0])  # |f| sorted: 1 2 3 4 10 -> median 3
+    assert auto_margin(scores, 1.0) == pytest.approx(3.0)
+    assert auto_margin(scores, 1.5) == pytest.approx(4.5)
+    with pytest.raises(ValueError, match="no correctly classified"):
+        auto_margin(torch.empty(0))
 
 
 def test_map_is_log_jacobian_of_removal_or_minus_injection():
