@@ -128,6 +128,8 @@ def run_variant(model, train, val, atrophy, healthy, dims, variant, cfg, args) -
         batch_size=32,
         **({} if args.field_downsample is None else {"field_downsample": args.field_downsample}),
         **({} if args.margin is None else {"margin": args.margin}),
+        **({} if args.patience is None else {"patience": args.patience}),
+        **dict(parse_param(item) for item in args.param),
         **({} if args.margin_fraction is None else {"margin_fraction": args.margin_fraction}),
     )
     history = explainer.history
@@ -178,6 +180,15 @@ def save_outputs(out: Path, dims, variant, name, x, simulated, u) -> None:
         save_nifti(det[0, 0], f"{stem}_jacobian.nii.gz")
 
 
+def parse_param(item: str) -> tuple[str, float]:
+    """``key=value`` of ``--param`` (a number) as ``(key, value)``."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--param expects key=value, got {item!r}")
+    number = float(value)
+    return key.strip(), int(number) if number.is_integer() and "." not in value else number
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=[2, 3])
@@ -206,6 +217,15 @@ def main() -> None:
         default=None,
         help="auto margin = this x median |f| (default: the library's)",
     )
+    parser.add_argument(
+        "--patience", type=int, default=None, help="early-stopping epochs (default: library's)"
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        help="further simulator keyword key=value, e.g. field_sigma=3 (repeatable)",
+    )
     parser.add_argument("--quick", action="store_true", help="small data, 1-2 minute fits")
     parser.add_argument(
         "--threads",
@@ -223,6 +243,8 @@ def main() -> None:
         "threads": args.threads,
         "field_downsample": args.field_downsample,
         "margin_fraction": args.margin_fraction,
+        "patience": args.patience,
+        "params": dict(parse_param(item) for item in args.param),
         "runs": [run_dims(dims, args) for dims in args.dims],
     }
     print(json.dumps(results, indent=2))

@@ -483,3 +483,14 @@ def test_evaluation_measures_by_hand():
     variance = torch.cat([removal, injection]).flatten(1).var(1).mean()
     assert scores["cycle_relative_mse"] == pytest.approx(0.04 / float(variance), rel=1e-5)
     assert scores["auroc_removal"] == 1.0 and scores["auroc_injection"] == 0.0
+
+
+def test_reached_fraction_is_exact_at_the_threshold():
+    """9 of 10 is 0.9 (a float32 mean gives 0.8999999761), so the 90% check passes."""
+    from medexplain.explain.generative.warp_evaluation import evaluate_warp_simulator
+
+    shifts = torch.tensor([2.0] * 9 + [0.2])
+    stub = _StubSimulator({-1: shifts, 1: shifts})
+    images = torch.rand(10, 1, 6, 5)
+    scores = evaluate_warp_simulator(stub, 0, images, images)
+    assert scores["reached_removal"] == 0.9 and scores["reached_injection"] == 0.9

@@ -58,7 +58,8 @@ def evaluate_warp_simulator(
         direction = DIRECTIONS[name]
         f0, f1 = explainer.score_shift(images, direction, cls)
         shift = (direction * (f1 - f0)).cpu()
-        out[f"reached_{name}"] = float((shift >= margin).float().mean())
+        # a count over a count in Python floats: 27 of 30 is 0.9, not float32's 0.8999...
+        out[f"reached_{name}"] = int((shift >= margin).sum()) / shift.numel()
         out[f"median_shift_{name}"] = float(shift.median())
         simulated, displacement = explainer.simulate(images, direction, cls)
         det = jacobian_determinant(displacement)
