@@ -81,7 +81,8 @@ DEMO_METHODS: dict[str, dict[str, dict[str, Any]]] = {
 @dataclass
 class DemoSettings:
     """Sizes of the demo run; ``for_run`` picks defaults that fit the time budgets
-    (2D default < 5 min, quick < 90 s, 3D < 10 min on 2 CPU cores).
+    (2D default < 5 min, quick < 90 s on 2 CPU cores; 3D measured 753 s, of which the
+    warp simulator 189 s and PEPPR 177 s).
 
     ``warp_seconds > 0`` fits a warping simulator for the atrophy class for at most that
     long (:mod:`medexplain.demo_warp`) and scores it on ``warp_images`` test images per
