@@ -25,7 +25,7 @@ The measures come from
 :func:`medexplain.explain.generative.warp_evaluation.evaluate_warp_simulator`. Prints one
 JSON document. Usage:
 ``python benchmarks/warp_simulator.py [--dims 2 3] [--variants plain diffeomorphic]
-[--max-seconds-2d 300] [--max-seconds-3d 600] [--quick] [--out DIR]``.
+[--max-seconds-2d 300] [--max-seconds-3d 600] [--param key=value ...] [--quick] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ from pathlib import Path
 
 import torch
 
+from medexplain.cli import parse_params
 from medexplain.data.synthetic import make_benchmark
-from medexplain.explain.generative.jacobian import jacobian_determinant
 from medexplain.explain.generative.warp_evaluation import DIRECTIONS, evaluate_warp_simulator
+from medexplain.explain.generative.warp_figures import plot_simulation, save_nifti
 from medexplain.explain.generative.warp_simulator import fit_warp_simulator
 from medexplain.models.cnn import CNNConfig, build_classifier
 from medexplain.models.train import evaluate_classifier, train_classifier
+from medexplain.pipeline import predicted_classes
 
 CLASSES = ("healthy", "atrophy")
 ATROPHY = 1
@@ -90,9 +92,7 @@ def run_dims(dims: int, args) -> dict:
     classifier_seconds = time.perf_counter() - start
     model.eval()
     accuracy = evaluate_classifier(model, test.dataset())["accuracy"]
-    with torch.no_grad():
-        pred = torch.cat([model(part).argmax(1) for part in torch.split(test.images, 64)])
-    correct = pred == test.labels
+    correct = predicted_classes(model, test.images) == test.labels
     atrophy = test.subset(correct & (test.labels == ATROPHY))
     healthy = test.subset(correct & (test.labels == 0))
 
@@ -126,11 +126,7 @@ def run_variant(model, train, val, atrophy, healthy, dims, variant, cfg, args) -
         progress=False,
         diffeomorphic=(variant == "diffeomorphic"),
         batch_size=32,
-        **({} if args.field_downsample is None else {"field_downsample": args.field_downsample}),
-        **({} if args.margin is None else {"margin": args.margin}),
-        **({} if args.patience is None else {"patience": args.patience}),
-        **dict(parse_param(item) for item in args.param),
-        **({} if args.margin_fraction is None else {"margin_fraction": args.margin_fraction}),
+        **args.params,
     )
     history = explainer.history
     margin = float(explainer.margin)
@@ -155,9 +151,17 @@ def run_variant(model, train, val, atrophy, healthy, dims, variant, cfg, args) -
     )
     if args.out is not None:
         for name, part in (("removal", atrophy), ("injection", healthy)):
-            x = part.images[:4]
-            simulated, u = explainer.simulate(x, DIRECTIONS[name], ATROPHY)
-            save_outputs(Path(args.out), dims, variant, name, x, simulated, u)
+            stem = Path(args.out) / f"warp_{dims}d_{variant}_{name}"
+            _, det = plot_simulation(
+                explainer,
+                part.images[:4],
+                DIRECTIONS[name],
+                ATROPHY,
+                path=f"{stem}.png",
+                titles=[name] * len(part.images[:4]),
+            )
+            if dims == 3:
+                save_nifti(det[0, 0], f"{stem}_jacobian.nii.gz")
     plain = variant == "plain"
     result["checks"] = {
         "reached_removal>=0.9": result["reached_removal"] >= 0.9,
@@ -168,25 +172,6 @@ def run_variant(model, train, val, atrophy, healthy, dims, variant, cfg, args) -
         "auroc_removal>=0.9": result["auroc_removal"] >= 0.9,
     }
     return result
-
-
-def save_outputs(out: Path, dims, variant, name, x, simulated, u) -> None:
-    from medexplain.explain.generative.warp_figures import plot_warp, save_nifti
-
-    stem = out / f"warp_{dims}d_{variant}_{name}"
-    det = jacobian_determinant(u)
-    plot_warp(x, simulated, u, det, path=f"{stem}.png", titles=[name] * len(x))
-    if dims == 3:
-        save_nifti(det[0, 0], f"{stem}_jacobian.nii.gz")
-
-
-def parse_param(item: str) -> tuple[str, float]:
-    """``key=value`` of ``--param`` (a number) as ``(key, value)``."""
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise SystemExit(f"--param expects key=value, got {item!r}")
-    number = float(value)
-    return key.strip(), int(number) if number.is_integer() and "." not in value else number
 
 
 def main() -> None:
@@ -203,28 +188,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=200, help="upper bound; time/patience stop")
     parser.add_argument("--n", type=int, default=None, help="benchmark images (default per dims)")
     parser.add_argument(
-        "--field-downsample",
-        type=int,
-        default=None,
-        help="predict the field on a grid this many times coarser (default: the library's)",
-    )
-    parser.add_argument(
-        "--margin", type=float, default=None, help="requested shift b (default: auto_margin)"
-    )
-    parser.add_argument(
-        "--margin-fraction",
-        type=float,
-        default=None,
-        help="auto margin = this x median |f| (default: the library's)",
-    )
-    parser.add_argument(
-        "--patience", type=int, default=None, help="early-stopping epochs (default: library's)"
-    )
-    parser.add_argument(
         "--param",
         action="append",
         default=[],
-        help="further simulator keyword key=value, e.g. field_sigma=3 (repeatable)",
+        help="simulator keyword key=value (repeatable), e.g. margin_fraction=1.5, patience=16, "
+        "field_downsample=1, magnitude_weight=1 (default: the library's values)",
     )
     parser.add_argument("--quick", action="store_true", help="small data, 1-2 minute fits")
     parser.add_argument(
@@ -236,15 +204,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for figures / NIfTI (optional)")
     args = parser.parse_args()
+    args.params = parse_params(args.param)
     torch.set_num_threads(args.threads)
     results = {
         "benchmark": "warp_simulator",
         "quick": args.quick,
         "threads": args.threads,
-        "field_downsample": args.field_downsample,
-        "margin_fraction": args.margin_fraction,
-        "patience": args.patience,
-        "params": dict(parse_param(item) for item in args.param),
+        "params": args.params,
         "runs": [run_dims(dims, args) for dims in args.dims],
     }
     print(json.dumps(results, indent=2))

@@ -113,7 +113,7 @@ def _one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _parse_params(values: list[str] | None) -> dict:
+def parse_params(values: list[str] | None) -> dict:
     """``key=value`` pairs; values are read as YAML scalars/lists (``n_steps=32``,
     ``baseline=blur``, ``widths=[8,16]``)."""
     import yaml
@@ -215,7 +215,7 @@ def explain(
         model=None if model is None else str(model),
         model_factory=model_factory,
         model_config=None if model_config is None else str(model_config),
-        params=_parse_params(param),
+        params=parse_params(param),
         explainer_checkpoint=None if explainer_checkpoint is None else str(explainer_checkpoint),
         target=target,
         shape=_parse_shape(shape),
@@ -500,7 +500,7 @@ def fit_similar_adversarial_command(
         max_seconds=max_seconds,
         seed=seed,
         progress=progress,
-        **_parse_params(param),
+        **parse_params(param),
     )
     console.print(f"[green]done[/green]: {out}")
 
@@ -546,7 +546,7 @@ def fit_warp_simulator_command(
         max_seconds=max_seconds,
         seed=seed,
         progress=progress,
-        **_parse_params(param),
+        **parse_params(param),
     )
     console.print(f"[green]done[/green]: {out}")
 
@@ -592,7 +592,7 @@ def sag(
     item, error = dataset.try_get(0)
     if item is None:
         raise _fail(error or f"cannot read {image}")
-    result = run_sag(loaded, item["image"], out, target=target, grid=grid, **_parse_params(param))
+    result = run_sag(loaded, item["image"], out, target=target, grid=grid, **parse_params(param))
     console.print(
         f"[green]done[/green]: {len(result.roots)} root(s), {len(result.diverse)} diverse, "
         f"{result.forward_passes} forward passes -> {out / 'sag.json'}, {out / 'sag.png'}"

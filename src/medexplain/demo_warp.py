@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from .data.synthetic import SyntheticBenchmark
-from .explain.generative.jacobian import jacobian_determinant
 from .explain.generative.warp_evaluation import DIRECTIONS, evaluate_warp_simulator
-from .explain.generative.warp_figures import plot_warp
+from .explain.generative.warp_figures import plot_simulation
 from .explain.generative.warp_simulator import fit_warp_simulator
+from .pipeline import predicted_classes
 from .report.nifti import save_nifti
 
 WARP_CLASS = "atrophy"
@@ -84,12 +84,7 @@ def run_warp_section(
         },
     }
 
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        predicted = torch.cat(
-            [model(part.to(device)).argmax(1).cpu() for part in torch.split(test.images, 64)]
-        )
-    correct = predicted == test.labels
+    correct = predicted_classes(model, test.images) == test.labels
     healthy = names.index(HEALTHY_CLASS)
     parts = {
         "removal": test.subset((correct & (test.labels == cls)).nonzero().flatten()[:n_images]),
@@ -113,15 +108,12 @@ def run_warp_section(
     for name, part in parts.items():
         if len(part) == 0:
             continue
-        x = part.images[:2]
-        simulated, displacement = explainer.simulate(x, DIRECTIONS[name], cls)
-        det = jacobian_determinant(displacement)
         figures[f"warp_{name}"] = out / "figures" / f"warp_{name}.png"
-        plot_warp(
-            x,
-            simulated.cpu(),
-            displacement.cpu(),
-            det.cpu(),
+        simulated, det = plot_simulation(
+            explainer,
+            part.images[:2],
+            DIRECTIONS[name],
+            cls,
             path=figures[f"warp_{name}"],
             slice_index=slice_index,
             titles=[f"{name} ({names[int(label)]})" for label in part.labels[:2]],

@@ -97,3 +97,34 @@ def plot_warp(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
     return figure
+
+
+def plot_simulation(
+    explainer,
+    x: torch.Tensor,
+    direction: int,
+    cls: int,
+    *,
+    path: str | os.PathLike,
+    slice_index: int | None = None,
+    titles: list[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Simulate ``x`` ``(B, C, *spatial)`` with a fitted warping-simulator explainer
+    (``direction`` -1 removes class ``cls``, +1 injects it) and draw it with
+    :func:`plot_warp` into ``path``. Returns the simulated images and the Jacobian
+    determinant ``(B, 1, *spatial)`` (for NIfTI output of volumes)."""
+    import matplotlib.pyplot as plt
+
+    simulated, displacement = explainer.simulate(x, direction, cls)
+    det = jacobian_determinant(displacement)
+    figure = plot_warp(
+        x.cpu(),
+        simulated.cpu(),
+        displacement.cpu(),
+        det.cpu(),
+        path=path,
+        slice_index=slice_index,
+        titles=titles,
+    )
+    plt.close(figure)
+    return simulated, det
