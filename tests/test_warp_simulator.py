@@ -144,7 +144,11 @@ def test_diffeomorphic_warps_do_not_fold_where_plain_fields_do(dims):
 
 
 def test_diffeomorphic_simulator_integrates_its_velocity():
-    config = WarpSimulatorConfig(spatial_dims=2, num_classes=2, widths=(4, 8), diffeomorphic=True)
+    """At full resolution the displacement is the integrated velocity itself (the coarse
+    grid's path: test_coarse_diffeomorphic_simulator_does_not_fold)."""
+    config = WarpSimulatorConfig(
+        spatial_dims=2, num_classes=2, widths=(4, 8), diffeomorphic=True, field_downsample=1
+    )
     net = WarpSimulator(config).eval()
     with torch.no_grad():
         net.head.weight.normal_(0.0, 5.0)
@@ -204,9 +208,10 @@ def test_coarse_diffeomorphic_simulator_does_not_fold(dims):
     assert jacobian_determinant(u).min() > 0
     with pytest.raises(ValueError, match="field_downsample"):
         WarpSimulatorConfig(field_downsample=0)
-    # the default: full resolution in 2D, half in 3D
-    assert WarpSimulatorConfig(spatial_dims=2).field_downsample == 1
+    # the default: half resolution in 2D and 3D; None means the default
+    assert WarpSimulatorConfig(spatial_dims=2).field_downsample == 2
     assert WarpSimulatorConfig(spatial_dims=3).field_downsample == 2
+    assert WarpSimulatorConfig(field_downsample=None).field_downsample == 2
 
 
 # --------------------------------------------------------------------------- the network

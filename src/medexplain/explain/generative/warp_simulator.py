@@ -97,7 +97,8 @@ AUTO_MARGIN_FRACTION = 1.0
 #: ``margin_fraction=None`` per spatial dimension. 3D asks for more: on the 32^3 atrophy
 #: benchmark a shift of 1x the median |f| was bought by warping the head's outline (removal
 #: |log J| AUROC 0.69 plain / 0.71 diffeomorphic), 1.5x leaves only the nucleus (0.99);
-#: in 2D 1.5x raised plain folding from 0 to 0.5% (benchmarks/warp_simulator.py).
+#: in 2D 1.5x raised plain folding from 0 to 0.5% (benchmarks/warp_simulator.py, measured
+#: with the field at full resolution, before ``field_downsample`` became 2 in 2D).
 DEFAULT_MARGIN_FRACTION = {2: AUTO_MARGIN_FRACTION, 3: 1.5}
 
 
