@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -137,6 +138,9 @@ def run_variant(model, train, val, atrophy, healthy, dims, variant, cfg, args) -
         "best_epoch": history.best_epoch,
         "stop_reason": history.stop_reason,
         "margin": margin,
+        # the values actually used (library defaults + --param), for reproducing the run
+        "simulator_config": asdict(explainer.simulator.config),
+        "fit_config": asdict(explainer.fit_config),
     }
     truth_injection = healthy.regions["atrophy"].unsqueeze(0)  # where the pattern would be
     result.update(
