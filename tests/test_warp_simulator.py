@@ -409,6 +409,10 @@ def test_short_training_removes_and_injects_atrophy(one_thread):
         f0, f1 = untrained.score_shift(images, direction, 1)
         assert (f1 - f0).abs().max() < 0.01 * margin
         f0, f1 = explainer.score_shift(images, direction, 1)
+        # scoring an x~ the caller already simulated gives the same log-odds
+        simulated, _ = explainer.simulate(images, direction, 1)
+        reused = explainer.score_shift(images, direction, 1, simulated=simulated)
+        assert torch.equal(reused[0], f0) and torch.equal(reused[1], f1)
         shift = direction * (f1 - f0)
         assert (shift > 0).float().mean() >= 0.9
         assert shift.median() >= 0.25 * margin
@@ -457,7 +461,7 @@ class _StubSimulator:
     def __init__(self, shifts):
         self.shifts = shifts
 
-    def score_shift(self, x, direction, cls):
+    def score_shift(self, x, direction, cls, simulated=None):
         return torch.zeros(len(x)), direction * self.shifts[direction][: len(x)]
 
     def simulate(self, x, direction, cls):

@@ -587,13 +587,22 @@ class WarpSimulatorExplainer(Explainer):
 
     @torch.no_grad()
     def score_shift(
-        self, x: torch.Tensor, direction: int | torch.Tensor, cls: int | torch.Tensor = 0
+        self,
+        x: torch.Tensor,
+        direction: int | torch.Tensor,
+        cls: int | torch.Tensor = 0,
+        *,
+        simulated: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f(x), f(x~))`` ``(B,)`` each: the classifier's log-odds of ``cls`` before and
         after the simulated warp; the requested shift is reached where
-        ``direction * (f(x~) - f(x)) >= self.margin``."""
+        ``direction * (f(x~) - f(x)) >= self.margin``. ``simulated``: ``x~`` if the caller
+        already has it from :meth:`simulate` (same ``direction`` and ``cls``), else it is
+        simulated here."""
         x = x.to(self.device, torch.float32)
-        x_sim, _ = self.simulate(x, direction, cls)
+        if simulated is None:
+            simulated, _ = self.simulate(x, direction, cls)
+        x_sim = simulated.to(self.device, torch.float32)
         cls_t = torch.as_tensor(cls, device=x.device).long().reshape(-1).expand(x.shape[0])
         with model_guard(self.model):
             f0 = self._log_odds(x, cls_t)
