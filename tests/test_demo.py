@@ -104,6 +104,7 @@ def test_warp_section_writes_a_loadable_simulator_its_maps_and_scores(tmp_path):
     from medexplain.explain.generative import jacobian_determinant
     from medexplain.models.cnn import CNNConfig, build_classifier
     from medexplain.models.train import train_classifier
+    from medexplain.pipeline import predicted_classes
 
     bench = make_benchmark(90, dims=3, size=16, seed=0)
     train, val, test = bench.split(seed=0)
@@ -123,13 +124,13 @@ def test_warp_section_writes_a_loadable_simulator_its_maps_and_scores(tmp_path):
     explainer = create("warp_simulator", model, checkpoint=tmp_path / "warp_simulator.pt")
     compared = 0
     atrophy = bench.class_names.index("atrophy")
+    correct = predicted_classes(model, test.images) == test.labels
     for name, direction in (("removal", -1), ("injection", 1)):
         saved = tmp_path / "maps" / "warp_simulator" / f"{name}_jacobian.nii.gz"
         if scores[f"n_{name}"] == 0:
             continue
         label = atrophy if direction == -1 else bench.class_names.index("healthy")
-        predicted = model(test.images).argmax(1)
-        first = ((predicted == test.labels) & (test.labels == label)).nonzero()[0, 0]
+        first = (correct & (test.labels == label)).nonzero()[0, 0]
         _, u = explainer.simulate(test.images[first : first + 1], direction, atrophy)
         volume = np.asarray(nib.load(saved).dataobj)
         assert volume.shape == (16, 16, 16)
