@@ -99,7 +99,7 @@ def test_warp_section_writes_a_loadable_simulator_its_maps_and_scores(tmp_path):
     import torch
 
     from medexplain.data.synthetic import make_benchmark
-    from medexplain.demo_warp import run_warp_section
+    from medexplain.demo.warp import run_warp_section
     from medexplain.explain import create
     from medexplain.explain.generative import jacobian_determinant
     from medexplain.models.cnn import CNNConfig, build_classifier

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.synthetic import SyntheticBenchmark
-from .explain.generative.warp_evaluation import DIRECTIONS, evaluate_warp_simulator
-from .explain.generative.warp_figures import plot_simulation
-from .explain.generative.warp_simulator import fit_warp_simulator
-from .pipeline import predicted_classes
-from .report.nifti import save_nifti
+from ..data.synthetic import SyntheticBenchmark
+from ..explain.generative.warp_evaluation import DIRECTIONS, evaluate_warp_simulator
+from ..explain.generative.warp_figures import plot_simulation
+from ..explain.generative.warp_simulator import fit_warp_simulator
+from ..pipeline import predicted_classes
+from ..report.nifti import save_nifti
 
 WARP_CLASS = "atrophy"
 HEALTHY_CLASS = "healthy"

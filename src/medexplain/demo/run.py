@@ -17,23 +17,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .data.synthetic import SyntheticBenchmark, make_benchmark
-from .demo_warp import run_warp_section
-from .explain import create, explainer_class
-from .explain.sag import StructuredAttentionGraph
-from .globalmaps import GlobalMaps, GlobalResult
-from .metrics.deletion import deletion_insertion
-from .metrics.localization import localization_scores
-from .metrics.peppr import peppr_many, plot_peppr
-from .metrics.sanity import cascading_randomization
-from .models.checkpoint import save_checkpoint
-from .models.cnn import CNNConfig, build_classifier
-from .models.train import evaluate_classifier, train_classifier
-from .pipeline import ExplainedSet, explain_all, predicted_classes
-from .report.figures import plot_examples, plot_global_maps
-from .report.html import embed_png, metrics_table, write_report
-from .report.nifti import save_nifti
+from .. import __version__
+from ..data.synthetic import SyntheticBenchmark, make_benchmark
+from ..explain import create, explainer_class
+from ..explain.sag import StructuredAttentionGraph
+from ..globalmaps import GlobalMaps, GlobalResult
+from ..metrics.deletion import deletion_insertion
+from ..metrics.localization import localization_scores
+from ..metrics.peppr import peppr_many, plot_peppr
+from ..metrics.sanity import cascading_randomization
+from ..models.checkpoint import save_checkpoint
+from ..models.cnn import CNNConfig, build_classifier
+from ..models.train import evaluate_classifier, train_classifier
+from ..pipeline import ExplainedSet, explain_all, predicted_classes
+from ..report.figures import plot_examples, plot_global_maps
+from ..report.html import embed_png, metrics_table, write_report
+from ..report.nifti import save_nifti
+from .warp import run_warp_section
 
 # Explainer parameters used by the demo. Published defaults unless the entry says otherwise;
 # the quick variant trades accuracy of the estimate for time, and the "3d" entries are added
