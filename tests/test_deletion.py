@@ -57,8 +57,8 @@ def test_curves_match_hand_computation_with_logits_and_two_channels():
     result = deletion_insertion(
         model,
         torch.from_numpy(x)[None],
-        torch.from_numpy(saliency)[None, None],
         0,
+        torch.from_numpy(saliency)[None, None],
         baseline=torch.from_numpy(b)[None],
         step_fraction=0.25,
         batch_size=5,
@@ -83,8 +83,8 @@ def test_trapezoid_weights_the_uneven_last_step_by_its_true_fraction():
     result = deletion_insertion(
         model,
         torch.from_numpy(x)[None],
-        torch.from_numpy(saliency)[None, None],
         1,
+        torch.from_numpy(saliency)[None, None],
         baseline="zero",
         step_fraction=0.4,
     )
@@ -113,8 +113,8 @@ def test_batch_3d_and_predicted_target():
     result = deletion_insertion(
         model,
         torch.from_numpy(xs),
-        torch.from_numpy(sal),
         None,
+        torch.from_numpy(sal),
         baseline="zero",
         step_fraction=0.1,
         batch_size=7,
@@ -133,8 +133,8 @@ def test_batch_3d_and_predicted_target():
         alone = deletion_insertion(
             model,
             torch.from_numpy(xs[i : i + 1]),
-            torch.from_numpy(sal[i : i + 1]),
             target,
+            torch.from_numpy(sal[i : i + 1]),
             baseline="zero",
             step_fraction=0.1,
             activation="logit",
@@ -145,13 +145,13 @@ def test_batch_3d_and_predicted_target():
 def test_model_left_as_found_and_errors():
     model = LinearScore(torch.ones(1, 4, 4), two_class=True).train()
     x = torch.rand(2, 1, 4, 4)
-    deletion_insertion(model, x, torch.rand(2, 1, 4, 4), 1)
+    deletion_insertion(model, x, 1, torch.rand(2, 1, 4, 4))
     assert model.training and model.weight.requires_grad and model.weight.grad is None
-    with pytest.raises(ValueError, match="saliency must have shape"):
-        deletion_insertion(model, x, torch.rand(2, 1, 2, 2), 1)
+    with pytest.raises(ValueError, match="maps must have shape"):
+        deletion_insertion(model, x, 1, torch.rand(2, 1, 2, 2))
     with pytest.raises(ValueError, match="mean_image"):
-        deletion_insertion(model, x, torch.rand(2, 1, 4, 4), 1, baseline="mean")
+        deletion_insertion(model, x, 1, torch.rand(2, 1, 4, 4), baseline="mean")
     with pytest.raises(ValueError, match="out of range"):
-        deletion_insertion(model, x, torch.rand(2, 1, 4, 4), 5)
+        deletion_insertion(model, x, 5, torch.rand(2, 1, 4, 4))
     with pytest.raises(ValueError, match="step_fraction"):
-        deletion_insertion(model, x, torch.rand(2, 1, 4, 4), 1, step_fraction=1.5)
+        deletion_insertion(model, x, 1, torch.rand(2, 1, 4, 4), step_fraction=1.5)

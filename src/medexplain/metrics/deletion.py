@@ -7,7 +7,8 @@ METHODS.md section 2: order the pixels by the map, most important first; in step
 - insertion: start from the baseline and put the next pixels of the image back;
 
 record ``f_c`` after every step. The score is the area under each curve (trapezoid rule,
-x-axis = fraction of pixels changed). Lower deletion and higher insertion are better.
+x-axis = fraction of pixels changed). Lower deletion and higher insertion are better
+(:data:`DIRECTIONS`).
 
 A pixel is a spatial position: all channels change together. The last step may be smaller
 than the others (``n`` pixels are rarely a multiple of the step); it is weighted by its true
@@ -23,10 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..explain.base import model_device, model_guard
-from ..perturb import apply_mask, make_baseline, rank_pixels
-from ..scores import ACTIVATIONS, as_targets, check_targets, probabilities
-from ..spatial import spatial_dims_of
+from ..core.model import model_device, model_guard
+from ..core.perturb import apply_mask, make_baseline, rank_pixels
+from ..core.scores import ACTIVATIONS, as_targets, check_targets, probabilities
+from ..core.spatial import spatial_dims_of
+
+DIRECTIONS = {"deletion_auc": "lower", "insertion_auc": "higher"}
 
 
 @dataclass
@@ -57,27 +60,26 @@ def step_counts(n_pixels: int, step_fraction: float) -> torch.Tensor:
     return counts
 
 
-def _as_saliency(saliency: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(saliency, torch.Tensor):
-        raise TypeError(f"saliency must be a torch.Tensor, got {type(saliency).__name__}")
+def _as_maps(maps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(f"maps must be a torch.Tensor, got {type(maps).__name__}")
     expected = (x.shape[0], 1, *x.shape[2:])
-    if saliency.dim() == x.dim() - 1:
-        saliency = saliency.unsqueeze(1)
-    if tuple(saliency.shape) != expected:
+    if maps.dim() == x.dim() - 1:
+        maps = maps.unsqueeze(1)
+    if tuple(maps.shape) != expected:
         raise ValueError(
-            f"saliency must have shape {expected} (B, 1, *spatial) matching x; "
-            f"got {tuple(saliency.shape)}"
+            f"maps must have shape {expected} (B, 1, *spatial) matching x; got {tuple(maps.shape)}"
         )
-    if torch.isnan(saliency).any():
-        raise ValueError("saliency contains NaN; pixels cannot be ranked")
-    return saliency
+    if torch.isnan(maps).any():
+        raise ValueError("maps contain NaN; pixels cannot be ranked")
+    return maps
 
 
 def deletion_insertion(
     model: nn.Module,
     x: torch.Tensor,
-    saliency: torch.Tensor,
-    target: int | torch.Tensor | None = None,
+    y: int | torch.Tensor | None,
+    maps: torch.Tensor,
     *,
     baseline: str | torch.Tensor = "blur",
     mean_image: torch.Tensor | None = None,
@@ -85,9 +87,9 @@ def deletion_insertion(
     batch_size: int = 64,
     activation: str = "auto",
 ) -> DeletionInsertionResult:
-    """Deletion and insertion curves of maps ``saliency`` ``(B, 1, *spatial)`` for images
-    ``x`` ``(B, C, *spatial)`` (2D or 3D) and ``target`` (int, ``(B,)`` ints or None for the
-    predicted class).
+    """Deletion and insertion curves of ``maps`` ``(B, 1, *spatial)`` for images ``x``
+    ``(B, C, *spatial)`` (2D or 3D) and the classes ``y`` they explain (int, ``(B,)`` ints
+    or None for the predicted class).
 
     ``baseline``: "blur" (I-GOS default), "mean" (with ``mean_image`` ``(C, *spatial)``),
     "zero" or a tensor (see :func:`medexplain.perturb.make_baseline`). ``step_fraction``:
@@ -103,7 +105,7 @@ def deletion_insertion(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    saliency = _as_saliency(saliency, x)
+    maps = _as_maps(maps, x)
     device = model_device(model)
     x = x.to(device, torch.float32)
     n_images = x.shape[0]
@@ -116,9 +118,9 @@ def deletion_insertion(
         def logits() -> torch.Tensor:
             return torch.cat([model(part) for part in torch.split(x, batch_size)])
 
-        targets = as_targets(target, n_images, device=device, logits=logits)
+        targets = as_targets(y, n_images, device=device, logits=logits)
         fill = make_baseline(x, baseline, mean_image)
-        ranks = rank_pixels(saliency.to(device))  # (B, 1, *spatial), 0 = most important
+        ranks = rank_pixels(maps.to(device))  # (B, 1, *spatial), 0 = most important
         counts_dev = counts.to(device)
         total = 2 * n_images * n_points  # items: (curve, image, point)
         scores = torch.empty(total, device=device)
