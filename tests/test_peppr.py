@@ -24,8 +24,9 @@ import pytest
 import torch
 from torch import nn
 
-from medexplain.metrics.peppr import peppr, peppr_many, plot_peppr
-from medexplain.perturb import blur_baseline, rank_pixels, top_fraction_mask
+from medexplain.core.perturb import blur_baseline, rank_pixels, top_fraction_mask
+from medexplain.metrics.peppr import peppr, peppr_many
+from medexplain.report.peppr_plot import plot_peppr
 
 N_STEPS = 20
 N_PIXELS = 100
@@ -219,7 +220,7 @@ def test_plot_and_errors(tmp_path):
 
     with Image.open(path) as img:
         assert img.size[0] > 200 and img.size[1] > 200
-    with pytest.raises(ValueError, match="ranking_map must be one global map"):
+    with pytest.raises(ValueError, match="maps must be one global map"):
         peppr(model, x, labels, torch.zeros(1, 8, 8), fill="zero")
     with pytest.raises(ValueError, match="fill must be one of"):
         peppr(model, x, labels, region.float()[None], fill="noise")

@@ -10,14 +10,19 @@ means the same anatomy in every image). For fractions ``f = 0, 1/n_steps, ..., 1
 
 The same curves with random pixel orders (one order per seed, shared by all images) are
 the control. A faithful map makes erase fall faster and restore rise faster than random,
-so ``erase_area - random_erase_area < 0`` and ``restore_area - random_restore_area > 0``.
+so ``erase_area - random_erase_area < 0`` and ``restore_area - random_restore_area > 0``
+(:data:`DIRECTIONS`).
 The paper fixes neither the fill, the grid nor the summary number: fill defaults to the
 dataset mean image (natural for aligned data; "zero", "blur" or a tensor also work), the
 grid has ``n_steps + 1 = 21`` points, and the summary is the trapezoid area over ``f``.
 
-Pixel ``k``-counts follow :func:`medexplain.perturb.top_fraction_mask`
-(``k = ceil(f * n)``), ranks follow :func:`medexplain.perturb.rank_pixels` (ties in the
+Pixel ``k``-counts follow :func:`medexplain.core.perturb.top_fraction_mask`
+(``k = ceil(f * n)``), ranks follow :func:`medexplain.core.perturb.rank_pixels` (ties in the
 map are broken by flattened position, deterministically).
+
+Arguments follow the metrics' order ``(model, x, y, maps)``: ``maps`` is the global ranking
+(one map for every image, not one map per image). The figure is drawn by
+:func:`medexplain.report.peppr_plot.plot_peppr`.
 """
 
 from __future__ import annotations
@@ -25,19 +30,26 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..explain.base import model_device, model_guard
-from ..perturb import apply_mask, make_baseline, rank_pixels, top_fraction_mask
-from ..scores import probabilities
-from .auc import rank_auroc
+from ..core.model import model_device, model_guard
+from ..core.perturb import apply_mask, make_baseline, rank_pixels, top_fraction_mask
+from ..core.progress import progress_bar
+from ..core.ranks import rank_auroc
+from ..core.scores import probabilities
+from ..core.serialise import json_safe
 
 FILLS = ("mean", "zero", "blur")
+DIRECTIONS = {
+    "erase_area": "lower",
+    "restore_area": "higher",
+    "erase_minus_random": "lower",
+    "restore_minus_random": "higher",
+}
 
 
 # --------------------------------------------------------------------------- results
@@ -45,20 +57,6 @@ FILLS = ("mean", "zero", "blur")
 
 def _area(fractions: np.ndarray, curve: np.ndarray) -> float:
     return float(np.trapezoid(curve, fractions))
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 @dataclass
@@ -181,7 +179,7 @@ class PepprResult:
         """Areas only, JSON-safe: the headline (macro AUC) areas at the top level
         (``erase_area``, ``random_erase_area``, ``erase_minus_random``, ...), then the same
         per metric: ``{"auc": {...}, "accuracy": {...}, "auc_per_label": {name: {...}}}``."""
-        return _json_safe(
+        return json_safe(
             {
                 **self.auc.areas(),
                 "auc": self.auc.areas(),
@@ -192,7 +190,7 @@ class PepprResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-safe plain types (NaN and inf become None)."""
-        return _json_safe(
+        return json_safe(
             {
                 "fractions": self.fractions,
                 "class_names": list(self.class_names),
@@ -226,22 +224,22 @@ def _check_ranking_map(
 
 
 def _batches(
-    images: torch.Tensor | Iterable, labels: torch.Tensor | None, batch_size: int
+    x: torch.Tensor | Iterable, y: torch.Tensor | None, batch_size: int
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(images, torch.Tensor):
-        if labels is None:
-            raise ValueError("labels are required when images is a tensor")
-        labels = torch.as_tensor(labels)
-        if labels.shape[0] != images.shape[0]:
-            raise ValueError(f"labels has {labels.shape[0]} entries for {images.shape[0]} images")
-        for start in range(0, images.shape[0], batch_size):
-            yield images[start : start + batch_size], labels[start : start + batch_size]
+    if isinstance(x, torch.Tensor):
+        if y is None:
+            raise ValueError("y (labels) is required when x is a tensor")
+        y = torch.as_tensor(y)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"y has {y.shape[0]} labels for {x.shape[0]} images")
+        for start in range(0, x.shape[0], batch_size):
+            yield x[start : start + batch_size], y[start : start + batch_size]
     else:
-        if labels is not None:
-            raise ValueError("pass labels=None when images is an iterable of (x, y) batches")
-        for item in images:
+        if y is not None:
+            raise ValueError("pass y=None when x is an iterable of (x, y) batches")
+        for item in x:
             if not isinstance(item, (tuple, list)) or len(item) < 2:
-                raise ValueError("an iterable of images must yield (x, y) batches")
+                raise ValueError("an iterable x must yield (x, y) batches")
             yield torch.as_tensor(item[0]), torch.as_tensor(item[1])
 
 
@@ -329,20 +327,20 @@ def _curve_probs(
 
 def peppr(
     model: nn.Module,
-    images: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
-    labels: torch.Tensor | None,
-    ranking_map: torch.Tensor | Mapping[str | int, torch.Tensor],
+    x: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    y: torch.Tensor | None,
+    maps: torch.Tensor | Mapping[str | int, torch.Tensor],
     **options: Any,
 ) -> PepprResult:
     """Erase and restore curves of a model's dataset metrics along a global pixel ranking.
 
     Args:
         model: classifier returning logits ``(B, K)``; left as found (eval mode inside).
-        images: ``(N, C, *S)`` evaluation images (2D or 3D), or an iterable of ``(x, y)``
-            batches (then ``labels=None``), e.g. a DataLoader for data that does not fit.
-        labels: ``(N,)`` class indices (multi-class; 0/1 for a single-logit model) or
+        x: ``(N, C, *S)`` evaluation images (2D or 3D), or an iterable of ``(x, y)``
+            batches (then ``y=None``), e.g. a DataLoader for data that does not fit.
+        y: ``(N,)`` class indices (multi-class; 0/1 for a single-logit model) or
             ``(N, K)`` 0/1 (multi-label, sigmoid heads).
-        ranking_map: one global map ``(1, *S)`` (e.g. ``GlobalResult.overall.mean``), higher
+        maps: the ranking: one global map ``(1, *S)`` (e.g. ``GlobalResult.overall.mean``), higher
             = more important, used for every image; or a dict label -> map (names from
             ``class_names`` or indices) for label-wise ranking: label ``k``'s AUC is then
             measured along label ``k``'s map, and accuracy is the mean over the mapped labels
@@ -353,14 +351,14 @@ def peppr(
     Returns a :class:`PepprResult`. Cost: ``2 (n_steps + 1) (maps + random_seeds)`` forward
     passes per image.
     """
-    return peppr_many(model, images, labels, {"map": ranking_map}, **options)["map"]
+    return peppr_many(model, x, y, {"map": maps}, **options)["map"]
 
 
 def peppr_many(
     model: nn.Module,
-    images: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
-    labels: torch.Tensor | None,
-    ranking_maps: Mapping[str, torch.Tensor | Mapping[str | int, torch.Tensor]],
+    x: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    y: torch.Tensor | None,
+    maps: Mapping[str, torch.Tensor | Mapping[str | int, torch.Tensor]],
     *,
     fill: str | torch.Tensor = "mean",
     mean_image: torch.Tensor | None = None,
@@ -378,24 +376,25 @@ def peppr_many(
     image in total instead of ``2 (n_steps + 1) maps (1 + random_seeds)``.
 
     Args:
-        ranking_maps: name -> a ranking as :func:`peppr` takes it (one map, or a dict
+        x, y: as in :func:`peppr`.
+        maps: name -> a ranking as :func:`peppr` takes it (one map, or a dict
             label -> map for label-wise ranking).
         fill: ``"mean"`` (dataset mean image: ``mean_image`` ``(C, *S)``, or the mean of
-            ``images`` when it is a tensor), ``"zero"``, ``"blur"``
-            (:func:`medexplain.perturb.blur_baseline` of each image) or a tensor.
+            ``x`` when it is a tensor), ``"zero"``, ``"blur"``
+            (:func:`medexplain.core.perturb.blur_baseline` of each image) or a tensor.
         n_steps: grid of ``n_steps + 1`` fractions from 0 to 1.
         random_seeds: number of random pixel orders (seeds ``0..R-1``) for the control.
         batch_size: images per forward pass and per data chunk.
         activation: ``auto`` = softmax for multi-class, sigmoid for one logit or multi-label;
-            see :func:`medexplain.scores.probabilities`. Sigmoid-style accuracy thresholds
+            see :func:`medexplain.core.scores.probabilities`. Sigmoid-style accuracy thresholds
             scores at 0.5 (at 0 with ``"logit"``).
         progress: show a Rich progress bar.
         class_names: names of the K labels (default ``"0"..."K-1"``).
 
     Returns name -> :class:`PepprResult`, identical to calling :func:`peppr` per name.
     """
-    if not ranking_maps:
-        raise ValueError("ranking_maps is empty")
+    if not maps:
+        raise ValueError("maps is empty")
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     if random_seeds < 1:
@@ -407,108 +406,123 @@ def peppr_many(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(fill, str) and fill == "mean" and mean_image is None:
-        if not isinstance(images, torch.Tensor):
+        if not isinstance(x, torch.Tensor):
             raise ValueError(
-                "fill='mean' needs mean_image (C, *S) when images is an iterable of batches"
+                "fill='mean' needs mean_image (C, *S) when x is an iterable of batches"
             )
-        mean_image = images.mean(dim=0, dtype=torch.float64).to(images.dtype)
-    device = model_device(model)
+        mean_image = x.mean(dim=0, dtype=torch.float64).to(x.dtype)
     fractions = np.linspace(0.0, 1.0, n_steps + 1)
-
-    runs: list[tuple[str, int | None, torch.Tensor]] = []  # (kind, label index, ranks)
-    owners: dict[str, list[int]] = {}  # ranking name -> indices of its "map" runs
-    store: dict[int, dict[bool, list[torch.Tensor]]] = {}
-    all_labels: list[torch.Tensor] = []
-    spatial: tuple[int, ...] | None = None
-    counts = None
-    mode = None
-    names: tuple[str, ...] = ()
-    n_images = 0
-
-    bar = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task(
-            "PEPPR", total=len(images) if isinstance(images, torch.Tensor) else None
-        )
-    try:
+    with progress_bar(progress) as bar:
+        task = bar.add_task("PEPPR", total=len(x) if isinstance(x, torch.Tensor) else None)
         with model_guard(model):
-            for x, y in _batches(images, labels, batch_size):
-                if not x.dtype.is_floating_point:
-                    raise TypeError(f"images must be floating point, got {x.dtype}")
-                x = x.to(device)
-                if spatial is None:
-                    spatial = tuple(x.shape[2:])
-                    if len(spatial) not in (2, 3):
-                        raise ValueError(
-                            f"images must be (N, C, H, W) or (N, C, D, H, W); got {tuple(x.shape)}"
-                        )
-                    n_out = model(x[:1]).shape[1]
-                    mode, names, activation_used, threshold = _resolve_mode(
-                        y, n_out, activation, class_names
-                    )
-                    for key, ranking in ranking_maps.items():
-                        label_maps = ranking if isinstance(ranking, Mapping) else None
-                        own = _make_runs(ranking, label_maps, names, spatial, 0, device)
-                        owners[key] = list(range(len(runs), len(runs) + len(own)))
-                        runs += own
-                    runs += _make_runs(None, {}, names, spatial, random_seeds, device)
-                    counts = _fraction_counts(fractions, math.prod(spatial))
-                    store = {i: {True: [], False: []} for i in range(len(runs))}
-                elif tuple(x.shape[2:]) != spatial:
-                    raise ValueError(
-                        f"all images must share spatial size {spatial}, got {tuple(x.shape[2:])}"
-                    )
-                _check_labels(y, mode, len(names))
-                base = _fill_for(x, fill, mean_image)
-                for i, (_, _, ranks) in enumerate(runs):
-                    for erase in (True, False):
-                        store[i][erase].append(
-                            _curve_probs(
-                                model, x, base, ranks, counts, erase, batch_size, activation_used
-                            )
-                        )
-                all_labels.append(y.cpu())
-                n_images += x.shape[0]
-                if bar is not None:
-                    bar.advance(task, x.shape[0])
-    finally:
-        if bar is not None:
-            bar.stop()
-    if n_images == 0:
-        raise ValueError("images is empty")
+            passes = _Passes(model, maps, fractions, random_seeds, batch_size, activation)
+            for xb, yb in _batches(x, y, batch_size):
+                passes.add(xb, yb, fill, mean_image, class_names)
+                bar.advance(task, xb.shape[0])
+    if passes.n_images == 0:
+        raise ValueError("x is empty")
 
-    y_all = torch.cat(all_labels)
+    y_all = torch.cat(passes.labels)
     results = {}
-    for i in range(len(runs)):
+    for i in range(len(passes.runs)):
         for erase in (True, False):
-            probs = torch.cat(store[i][erase], dim=1)  # (F, N, K)
-            results[(i, erase)] = _metrics(probs, y_all, mode, threshold)
-    random_runs = [i for i, run in enumerate(runs) if run[0] == "random"]
+            probs = torch.cat(passes.store[i][erase], dim=1)  # (F, N, K)
+            results[(i, erase)] = _metrics(probs, y_all, passes.mode, passes.threshold)
+    random_runs = [i for i, run in enumerate(passes.runs) if run[0] == "random"]
     out = {}
-    for key, ranking in ranking_maps.items():
-        own = owners[key] + random_runs
+    for key, ranking in maps.items():
+        own = passes.owners[key] + random_runs
         labelwise = isinstance(ranking, Mapping)
         out[key] = _assemble(
-            [runs[i] for i in own],
+            [passes.runs[i] for i in own],
             {(j, erase): results[(i, erase)] for j, i in enumerate(own) for erase in (True, False)},
             fractions,
-            names,
-            n_images,
+            passes.names,
+            passes.n_images,
             labelwise,
             dict(
                 fill=fill if isinstance(fill, str) else "tensor",
                 n_steps=n_steps,
                 random_seeds=random_seeds,
-                activation=activation_used,
-                mode=mode,
+                activation=passes.activation,
+                mode=passes.mode,
                 labelwise=labelwise,
             ),
         )
     return out
+
+
+class _Passes:
+    """The forward passes of every curve, collected batch by batch.
+
+    ``runs``: (kind, label index, ranks) per pixel order, the rankings' own orders first,
+    then the random ones; ``owners``: ranking name -> indices of its runs; ``store[i][erase]``:
+    the scores ``(F, b, K)`` of each batch along run ``i``.
+    """
+
+    def __init__(self, model, maps, fractions, random_seeds, batch_size, activation) -> None:
+        self.model, self.maps, self.fractions = model, maps, fractions
+        self.random_seeds, self.batch_size, self.activation = random_seeds, batch_size, activation
+        self.device = model_device(model)
+        self.runs: list[tuple[str, int | None, torch.Tensor]] = []
+        self.owners: dict[str, list[int]] = {}
+        self.store: dict[int, dict[bool, list[torch.Tensor]]] = {}
+        self.labels: list[torch.Tensor] = []
+        self.spatial: tuple[int, ...] | None = None
+        self.counts: torch.Tensor | None = None
+        self.mode = ""
+        self.names: tuple[str, ...] = ()
+        self.threshold = 0.5
+        self.n_images = 0
+
+    def _start(self, x: torch.Tensor, y: torch.Tensor, class_names) -> None:
+        """Set up the pixel orders from the first batch (spatial size, labels mode)."""
+        self.spatial = spatial = tuple(x.shape[2:])
+        if len(spatial) not in (2, 3):
+            raise ValueError(
+                f"images must be (N, C, H, W) or (N, C, D, H, W); got {tuple(x.shape)}"
+            )
+        n_out = self.model(x[:1]).shape[1]
+        self.mode, self.names, self.activation, self.threshold = _resolve_mode(
+            y, n_out, self.activation, class_names
+        )
+        for key, ranking in self.maps.items():
+            label_maps = ranking if isinstance(ranking, Mapping) else None
+            own = _make_runs(ranking, label_maps, self.names, spatial, 0, self.device)
+            self.owners[key] = list(range(len(self.runs), len(self.runs) + len(own)))
+            self.runs += own
+        self.runs += _make_runs(None, {}, self.names, spatial, self.random_seeds, self.device)
+        self.counts = _fraction_counts(self.fractions, math.prod(spatial))
+        self.store = {i: {True: [], False: []} for i in range(len(self.runs))}
+
+    def add(self, x, y, fill, mean_image, class_names) -> None:
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"images must be floating point, got {x.dtype}")
+        x = x.to(self.device)
+        if self.spatial is None:
+            self._start(x, y, class_names)
+        elif tuple(x.shape[2:]) != self.spatial:
+            raise ValueError(
+                f"all images must share spatial size {self.spatial}, got {tuple(x.shape[2:])}"
+            )
+        _check_labels(y, self.mode, len(self.names))
+        base = _fill_for(x, fill, mean_image)
+        for i, (_, _, ranks) in enumerate(self.runs):
+            for erase in (True, False):
+                self.store[i][erase].append(
+                    _curve_probs(
+                        self.model,
+                        x,
+                        base,
+                        ranks,
+                        self.counts,
+                        erase,
+                        self.batch_size,
+                        self.activation,
+                    )
+                )
+        self.labels.append(y.cpu())
+        self.n_images += x.shape[0]
 
 
 def _resolve_mode(
@@ -551,21 +565,21 @@ def _make_runs(
     if ranking_map is None:
         pass  # random runs only
     elif label_maps is None:
-        ranking = _check_ranking_map(ranking_map, spatial, "ranking_map")
+        ranking = _check_ranking_map(ranking_map, spatial, "maps")
         runs.append(("map", None, rank_pixels(ranking.to(device)).view(-1)))
     else:
         if not label_maps:
-            raise ValueError("ranking_map dict is empty")
+            raise ValueError("maps dict is empty")
         for key, value in label_maps.items():
             if isinstance(key, int) and not isinstance(key, bool):
                 if not 0 <= key < len(names):
-                    raise ValueError(f"ranking_map label index {key} is outside [0, {len(names)})")
+                    raise ValueError(f"maps label index {key} is outside [0, {len(names)})")
                 index = key
             elif key in names:
                 index = names.index(key)
             else:
-                raise ValueError(f"ranking_map key {key!r} is not a label index nor one of {names}")
-            ranking = _check_ranking_map(value, spatial, f"ranking_map[{key!r}]")
+                raise ValueError(f"maps key {key!r} is not a label index nor one of {names}")
+            ranking = _check_ranking_map(value, spatial, f"maps[{key!r}]")
             runs.append(("map", index, rank_pixels(ranking.to(device)).view(-1)))
     n = math.prod(spatial)
     for seed in range(random_seeds):
@@ -633,56 +647,3 @@ def _assemble(runs, results, fractions, names, n_images, labelwise, settings) ->
             rows(lambda r: r[1].numpy(), False),
         )
     return PepprResult(fractions, tuple(names), auc, accuracy, per_label, n_images, settings)
-
-
-# --------------------------------------------------------------------------- figure
-
-
-def plot_peppr(result: PepprResult, path: str | Path, title: str | None = None) -> Path:
-    """Draw erase and restore curves (AUC and accuracy) against random order (mean ± std).
-
-    Writes a PNG (or any format matplotlib infers from ``path``) with the Agg backend and no
-    global pyplot state; returns the path.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(9, 7), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2, sharex=True)
-    f = result.fractions
-    for row, (metric, curves) in enumerate(
-        (("AUC-ROC (macro)", result.auc), ("accuracy", result.accuracy))
-    ):
-        areas = curves.areas()
-        for col, which in enumerate(("erase", "restore")):
-            ax = axes[row, col]
-            mean = getattr(curves, f"random_{which}_mean")
-            std = getattr(curves, f"random_{which}_std")
-            ax.plot(
-                f,
-                getattr(curves, which),
-                color="C3",
-                lw=2,
-                label=f"global map (area {areas[f'{which}_area']:.3f})",
-            )
-            ax.plot(
-                f,
-                mean,
-                color="0.3",
-                lw=1.5,
-                ls="--",
-                label=f"random (area {areas[f'random_{which}_area']:.3f})",
-            )
-            ax.fill_between(f, mean - std, mean + std, color="0.6", alpha=0.35, lw=0)
-            ax.set_ylabel(metric)
-            ax.set_title(f"{'erasing' if which == 'erase' else 'restoring'} top pixels")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            if row == 1:
-                ax.set_xlabel("fraction of pixels")
-    fig.suptitle(title or f"PEPPR ({result.n_images} images, fill: {result.settings.get('fill')})")
-    fig.savefig(path, dpi=110)
-    return path
