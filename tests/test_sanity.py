@@ -14,27 +14,20 @@ import torch
 from scipy import stats
 from torch import nn
 
+from medexplain.core.ranks import spearman
 from medexplain.explain.base import Explainer
-from medexplain.metrics.auc import spearman
 from medexplain.metrics.sanity import cascading_randomization, parameterised_layers
 
 
 class Gradient(Explainer):
     """Plain input gradient of the target logit, summed over channels."""
 
-    def attribute(self, x, targets):
+    def _attribute(self, x, targets):
         x = x.clone().requires_grad_(True)
         with torch.enable_grad():
             score = self.model(x).gather(1, targets.view(-1, 1)).sum()
             (grad,) = torch.autograd.grad(score, x)
         return grad.sum(dim=1, keepdim=True)
-
-
-class ImageItself(Explainer):
-    """Ignores the model: the map is the image (what an edge detector would do)."""
-
-    def attribute(self, x, targets):
-        return x.sum(dim=1, keepdim=True)
 
 
 SIZE = {2: 12, 3: 6}  # 144 and 216 pixels
@@ -72,7 +65,7 @@ def test_gradient_decorrelates_and_caller_model_unchanged(dims):
     rng_before = torch.get_rng_state()
     x = torch.rand(4, 1, *([SIZE[dims]] * dims), generator=torch.Generator().manual_seed(1))
 
-    result = cascading_randomization(model, lambda m: Gradient(m), x, seed=0)
+    result = cascading_randomization(model, x, None, make_explainer=lambda m: Gradient(m), seed=0)
 
     # top-down order, one cumulative step per parameterised layer
     assert result.step_names == ["5", "2", "0"] == parameterised_layers(model)
@@ -88,14 +81,20 @@ def test_gradient_decorrelates_and_caller_model_unchanged(dims):
     assert not model[0].weight.requires_grad and model[5].weight.requires_grad
     assert torch.equal(torch.get_rng_state(), rng_before)
     # seeded: the same seed gives the same numbers
-    again = cascading_randomization(model, lambda m: Gradient(m), x, seed=0)
+    again = cascading_randomization(model, x, None, make_explainer=lambda m: Gradient(m), seed=0)
     torch.testing.assert_close(again.correlation_abs, result.correlation_abs)
 
 
 def test_model_independent_explanation_stays_correlated():
     model = _net(2)
     x = torch.rand(3, 1, 12, 12, generator=torch.Generator().manual_seed(2))
-    result = cascading_randomization(model, lambda m: ImageItself(m), x, absolute=False)
+
+    def image_itself(m):
+        """Ignores the model: the map is the image (what an edge detector would do); a plain
+        callable model -> (x, targets) -> maps, no Explainer class needed."""
+        return lambda images, targets: images.sum(dim=1, keepdim=True)
+
+    result = cascading_randomization(model, x, None, make_explainer=image_itself, absolute=False)
     torch.testing.assert_close(result.correlation, torch.ones(3, 3, dtype=torch.float64))
     assert result.rank_correlation_fully_randomized == pytest.approx(1.0)
 
@@ -107,18 +106,27 @@ def test_block_granularity_explicit_layers_and_maps():
     ).eval()
     x = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(3))
     blocks = cascading_randomization(
-        model, lambda m: Gradient(m), x, granularity="block", return_maps=True
+        model, x, None, make_explainer=lambda m: Gradient(m), granularity="block", return_maps=True
     )
     assert blocks.step_names == ["1", "0"]
     assert blocks.maps.shape == (3, 2, 1, 6, 6)
     # the first entry is the trained model's explanation
     torch.testing.assert_close(blocks.maps[0], Gradient(model)(x, blocks.targets))
     explicit = cascading_randomization(
-        model, lambda m: Gradient(m), x, layers=["1", ["0.1", "0.0"]]
+        model, x, None, make_explainer=lambda m: Gradient(m), layers=["1", ["0.1", "0.0"]]
     )
     assert explicit.step_names == ["1", "0.1+0.0"]
     # both randomise the same parameters with the same seeds per step
     torch.testing.assert_close(explicit.correlation_abs, blocks.correlation_abs)
     assert set(explicit.to_dict()) >= {"steps", "mean", "rank_correlation_fully_randomized"}
+    # maps of the trained model passed in replace its own explanation: same correlations
+    given = cascading_randomization(
+        model, x, blocks.targets, blocks.maps[0], make_explainer=Gradient, granularity="block"
+    )
+    torch.testing.assert_close(given.correlation_abs, blocks.correlation_abs)
+    with pytest.raises(ValueError, match="maps must have shape"):
+        cascading_randomization(model, x, None, torch.zeros(2, 1, 5, 5), make_explainer=Gradient)
     with pytest.raises(ValueError, match="unknown module"):
-        cascading_randomization(model, lambda m: Gradient(m), x, layers=["nope"])
+        cascading_randomization(
+            model, x, None, make_explainer=lambda m: Gradient(m), layers=["nope"]
+        )

@@ -24,6 +24,11 @@ Choices (documented where the paper leaves freedom):
 - Spearman is computed on ``|map|`` by default (``absolute=True``; Adebayo et al. report
   both, absolute values being the usual choice for visualised maps) and on the signed maps;
   both are returned. A map that became constant counts as correlation 0.
+
+Arguments follow the metrics' order ``(model, x, y, maps)``; the method under test comes
+as ``make_explainer``, any callable ``model -> (x, targets) -> maps``
+(:class:`ExplainerFactory`), so this module needs no explainer class. A lower correlation
+once every layer is randomised is better (:data:`DIRECTIONS`).
 """
 
 from __future__ import annotations
@@ -31,16 +36,29 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ..explain.base import Explainer, model_device
-from ..scores import as_targets
-from .auc import spearman
+from ..core.model import model_device
+from ..core.ranks import spearman
+from ..core.scores import as_targets
 
 GRANULARITIES = ("layer", "block")
+DIRECTIONS = {"rank_correlation_fully_randomized": "lower"}
+
+
+class ExplainerFactory(Protocol):
+    """Builds the method under test for a model: ``make(model)(x, targets) -> maps``.
+
+    ``x`` ``(B, C, *S)``, ``targets`` long ``(B,)``, maps ``(B, 1, *S)``; e.g.
+    ``lambda m: create("integrated_gradients", m)``.
+    """
+
+    def __call__(
+        self, model: nn.Module
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]: ...
 
 
 @dataclass
@@ -169,10 +187,11 @@ def reinitialise(module: nn.Module, seed: int, recurse: bool = True) -> None:
 
 def cascading_randomization(
     model: nn.Module,
-    make_explainer: Callable[[nn.Module], Explainer],
-    images: torch.Tensor,
-    target: int | torch.Tensor | None = None,
+    x: torch.Tensor,
+    y: int | torch.Tensor | None,
+    maps: torch.Tensor | None = None,
     *,
+    make_explainer: ExplainerFactory,
     absolute: bool = True,
     granularity: str = "layer",
     layers: Sequence[str | Sequence[str]] | None = None,
@@ -183,11 +202,14 @@ def cascading_randomization(
 
     Args:
         model: trained classifier (not modified: a deep copy is randomised).
-        make_explainer: ``model -> Explainer``, e.g.
-            ``lambda m: create("integrated_gradients", m)``; called once for the trained
-            copy and once per randomisation step.
-        images: ``(B, C, *S)`` (2D or 3D).
-        target: class per image; None = the trained model's predicted classes, kept fixed.
+        x: ``(B, C, *S)`` images (2D or 3D).
+        y: class per image (int or ``(B,)``); None = the trained model's predicted classes,
+            kept fixed.
+        maps: ``(B, 1, *S)`` maps of the trained model, if already computed; None = made
+            with ``make_explainer`` on the trained copy.
+        make_explainer: ``model -> explainer`` (:class:`ExplainerFactory`), e.g.
+            ``lambda m: create("integrated_gradients", m)``; called once per randomisation
+            step (and once for the trained copy when ``maps`` is None).
         absolute: headline correlation on ``|map|`` (default, see module docstring) or on
             the signed maps; both are computed.
         granularity: ``"layer"`` (each parameterised module) or ``"block"`` (top-level
@@ -201,14 +223,14 @@ def cascading_randomization(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(make_explainer):
-        raise TypeError("make_explainer must be a callable model -> Explainer")
-    if not isinstance(images, torch.Tensor) or images.dim() not in (4, 5):
-        raise ValueError("images must be a tensor (B, C, H, W) or (B, C, D, H, W)")
+        raise TypeError("make_explainer must be a callable model -> explainer")
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        raise ValueError("x must be a tensor (B, C, H, W) or (B, C, D, H, W)")
     work = copy.deepcopy(model)
     steps = _resolve_steps(work, granularity, layers)
     device = model_device(work)
-    x = images.to(device)
-    if target is None:
+    x = x.to(device)
+    if y is None:
         training = work.training
         work.eval()
         with torch.no_grad():
@@ -216,15 +238,21 @@ def cascading_randomization(
         work.train(training)
         targets = as_targets(None, x.shape[0], device=device, logits=lambda: logits)
     else:
-        targets = as_targets(target, x.shape[0], device=device)
+        targets = as_targets(y, x.shape[0], device=device)
+    expected = (x.shape[0], 1, *x.shape[2:])
 
     def explain(m: nn.Module) -> torch.Tensor:
-        maps = make_explainer(m)(x, targets)
-        if tuple(maps.shape) != (x.shape[0], 1, *x.shape[2:]):
-            raise RuntimeError(f"explainer returned maps of shape {tuple(maps.shape)}")
-        return maps.detach()
+        out = make_explainer(m)(x, targets)
+        if tuple(out.shape) != expected:
+            raise RuntimeError(f"explainer returned maps of shape {tuple(out.shape)}")
+        return out.detach()
 
-    original = explain(work)
+    if maps is None:
+        original = explain(work)
+    elif tuple(maps.shape) != expected:
+        raise ValueError(f"maps must have shape {expected}, got {tuple(maps.shape)}")
+    else:
+        original = maps.detach().to(device)
     flat_original = original.flatten(1)
     modules = dict(work.named_modules())
     corr_abs, corr_signed, kept = [], [], [original.cpu()] if return_maps else []
@@ -233,12 +261,12 @@ def cascading_randomization(
     for step, names in enumerate(steps):
         for name in names:
             reinitialise(modules[name], seed + step, recurse=recurse and name != "")
-        maps = explain(work)
-        flat = maps.flatten(1)
+        randomised = explain(work)
+        flat = randomised.flatten(1)
         corr_abs.append(spearman(flat_original.abs(), flat.abs()).cpu())
         corr_signed.append(spearman(flat_original, flat).cpu())
         if return_maps:
-            kept.append(maps.cpu())
+            kept.append(randomised.cpu())
     return SanityResult(
         steps=steps,
         correlation_abs=torch.stack(corr_abs),
