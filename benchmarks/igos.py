@@ -43,11 +43,11 @@ from pathlib import Path
 
 import torch
 
+from medexplain.core.model import model_guard
+from medexplain.core.perturb import make_baseline
 from medexplain.explain import create
-from medexplain.explain.base import model_guard
 from medexplain.explain.igos_loss import PassCounter
 from medexplain.metrics.deletion import deletion_insertion
-from medexplain.perturb import make_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -131,7 +131,7 @@ def run_batched(explainer, x, target, batch: int):
 
 
 def faithfulness(model, x, maps, target, evidence, correct, mean_image) -> dict:
-    result = deletion_insertion(model, x, maps, target, baseline="mean", mean_image=mean_image)
+    result = deletion_insertion(model, x, target, maps, baseline="mean", mean_image=mean_image)
     has = evidence.flatten(1).any(1) & correct
     aurocs = [rank_auroc(maps[i].flatten(), evidence[i].flatten()) for i in has.nonzero().flatten()]
     return {

@@ -26,7 +26,7 @@ class IdentityExplainer(Explainer):
 
     name = "identity"
 
-    def attribute(self, x, targets):
+    def _attribute(self, x, targets):
         return x.sum(dim=1, keepdim=True)
 
 
@@ -35,7 +35,7 @@ class TargetExplainer(Explainer):
 
     name = "target"
 
-    def attribute(self, x, targets):
+    def _attribute(self, x, targets):
         shape = (x.shape[0], 1, *x.shape[2:])
         return targets.view(-1, *[1] * (x.dim() - 1)).float().expand(shape).clone()
 
@@ -49,7 +49,7 @@ class ScaledSquare(Explainer):
         super().__init__(model, **kw)
         self.scale = scale
 
-    def attribute(self, x, targets):
+    def _attribute(self, x, targets):
         score = torch.softmax(self.model(x), 1).gather(1, targets.view(-1, 1)).view(-1)
         extra = score.view(-1, *[1] * (x.dim() - 1))
         return self.scale * (x**2).sum(1, keepdim=True) + extra

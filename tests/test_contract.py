@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from explainer_configs import CONFIGS, INPUT_SHAPES, build_explainer, config_for, tolerance
+from medexplain.core.spatial import adaptive_avg_pool, batch_norm, conv
 from medexplain.explain import available
-from medexplain.spatial import adaptive_avg_pool, batch_norm, conv
 
 NAMES = sorted(available())
 N_IMAGES = 3

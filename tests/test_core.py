@@ -8,15 +8,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from medexplain.explain.base import (
-    _REGISTRY,
-    Explainer,
-    create,
-    model_guard,
-    per_image_noise,
-    register,
-)
-from medexplain.perturb import (
+from medexplain.core.model import model_guard, per_image_noise
+from medexplain.core.perturb import (
     apply_mask,
     igos_blur_parameters,
     make_baseline,
@@ -24,8 +17,9 @@ from medexplain.perturb import (
     top_fraction_mask,
     upsample_mask,
 )
-from medexplain.scores import as_targets, class_score, probabilities
-from medexplain.spatial import gaussian_blur, gaussian_kernel1d, resize
+from medexplain.core.scores import as_targets, class_score, probabilities
+from medexplain.core.spatial import gaussian_blur, gaussian_kernel1d, resize
+from medexplain.explain.base import _REGISTRY, Explainer, create, register
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 17, 23), (1, 1, 9, 11, 13)])
@@ -143,7 +137,7 @@ def test_model_guard_restores_flags_and_removes_leftover_hooks():
 
 
 class _InputCopy(Explainer):
-    def attribute(self, x, targets):
+    def _attribute(self, x, targets):
         return x[:, :1]
 
 
@@ -171,3 +165,22 @@ def test_per_image_noise_is_identical_across_the_batch():
     noise = per_image_noise((1, 4, 4), batch=3, seed=5, device="cpu")
     assert torch.equal(noise[0], noise[2])
     assert torch.equal(noise[0], per_image_noise((1, 4, 4), batch=1, seed=5, device="cpu")[0])
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
+def test_explainer_leaves_a_training_batchnorm_model_as_found(method):
+    torch.manual_seed(0)
+    net = _Net().train()
+    net.bn.running_mean.uniform_(-1.0, 1.0)
+    net.bn.running_var.uniform_(0.5, 2.0)
+    stats = {k: v.clone() for k, v in net.bn.state_dict().items()}
+    x = torch.rand(3, 1, 8, 8)
+    maps = create(method, net, batch_size=2)(x, target=1)
+    assert net.training and net.bn.training and net.head.training
+    for key, value in net.bn.state_dict().items():
+        assert torch.equal(value, stats[key]), key
+    # The map is the one of the model in eval mode: the running statistics, not batch ones.
+    reference = create(method, net.eval(), batch_size=2)(x, target=1)
+    assert torch.equal(maps, reference)
+    # The public call is the only way in: there is no unguarded ``attribute``.
+    assert not hasattr(create(method, net), "attribute")

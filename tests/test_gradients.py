@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medexplain.core.spatial import conv
 from medexplain.explain import create
 from medexplain.explain.gradients import (
     GradCAM,
@@ -21,7 +22,6 @@ from medexplain.explain.gradients import (
     find_gradcam_layer,
     smoothgrad_noise,
 )
-from medexplain.spatial import conv
 from test_contract import tiny_cnn
 
 SHAPES = {2: (2, 12, 12), 3: (2, 6, 6, 6)}
@@ -91,7 +91,7 @@ def smooth_cnn(dims: int, seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("baseline", ["zero", "blur", 0.5])
 def test_integrated_gradients_completeness(dims, baseline):
     """Sundararajan et al. 2017: attributions sum to f(x) - f(baseline) for the target logit."""
-    from medexplain.perturb import make_baseline
+    from medexplain.core.perturb import make_baseline
 
     model, x = smooth_cnn(dims), _images(dims) * 4 - 2  # a wide range: the logits really move
     targets = torch.tensor([0, 1, 2])

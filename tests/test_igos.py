@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medexplain.core.model import per_image_noise
+from medexplain.core.perturb import blur_baseline
 from medexplain.explain import create
-from medexplain.explain.base import per_image_noise
 from medexplain.explain.igos import IGOS, QUICK_PARAMS, IGOSPlusPlus
 from medexplain.explain.igos_loss import bilateral_tv, bilateral_weights, total_variation
-from medexplain.perturb import blur_baseline
 
 
 class SquareReader(nn.Module):
@@ -404,7 +404,7 @@ def test_igospp_beats_gradients_on_deletion_and_insertion(bench2d, classifier2d)
     aucs = {}
     for name in ("igos++", "saliency", "integrated_gradients"):
         maps = create(name, model, **params.get(name, {}))(x, target)
-        result = deletion_insertion(model, x, maps, target, baseline="mean", mean_image=mean)
+        result = deletion_insertion(model, x, target, maps, baseline="mean", mean_image=mean)
         aucs[name] = (result.deletion_auc.mean().item(), result.insertion_auc.mean().item())
     assert np.isfinite(np.array(list(aucs.values()))).all()
     for other in ("saliency", "integrated_gradients"):

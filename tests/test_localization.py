@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from medexplain.metrics.auc import average_ranks, rank_auroc
+from medexplain.core.ranks import average_ranks, rank_auroc
 from medexplain.metrics.localization import (
     auroc,
     energy_inside,

@@ -9,6 +9,7 @@ import scipy.linalg
 import scipy.ndimage
 import torch
 
+from medexplain.core.spatial import gaussian_blur
 from medexplain.explain import create
 from medexplain.explain.generative import jacobian_determinant
 from medexplain.explain.generative.jacobian import folding_fraction, log_jacobian
@@ -31,7 +32,6 @@ from medexplain.explain.generative.warp_simulator import (
     smoothness,
     warp_losses,
 )
-from medexplain.spatial import gaussian_blur
 
 SHAPES = {2: (12, 10), 3: (7, 8, 6)}
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .explain.base import Explainer, model_device, model_guard
-from .progress import progress_bar
+from .core.model import model_device, model_guard
+from .core.progress import progress_bar
+from .explain.base import Explainer
 
 
 @dataclass

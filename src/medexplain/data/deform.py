@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..spatial import check_dims, resize
+from ..core.spatial import check_dims, resize
 
 
 def uniform(generator: torch.Generator, shape: Sequence[int], low: float, high: float):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..spatial import check_dims
+from ..core.spatial import check_dims
 
 TISSUES = ("background", "rim", "interior", "ventricle", "nucleus")
 # Mean intensity of each tissue in [0, 1] (a T1-like contrast; chosen, no paper).

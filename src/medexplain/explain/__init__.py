@@ -6,13 +6,13 @@
 Importing this package registers every built-in method.
 """
 
+from ..core.model import model_guard
 from . import augment, gradients, igos, sag  # noqa: F401  (registration side effects)
 from .base import (
     Explainer,
     available,
     create,
     explainer_class,
-    model_guard,
     register,
     register_wrapper,
 )

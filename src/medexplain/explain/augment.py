@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spatial import check_dims, spatial_dims_of
-from .base import Explainer, create, register_wrapper, seeded_generator
+from ..core.model import seeded_generator
+from ..core.spatial import check_dims, spatial_dims_of
+from .base import Explainer, create, register_wrapper
 
 PADDING_MODES = ("zeros", "border", "reflection")
 
@@ -237,7 +238,7 @@ class AugmentedExplainer(Explainer):
         """The ``n`` transforms ``(n, d, d+1)`` used for images of size ``spatial``."""
         return self.transforms.sample(self.n, spatial, seeded_generator(self.seed, "cpu"))
 
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         thetas = self.matrices(x.shape[2:]).to(x.device)
         ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
         total = torch.zeros((x.shape[0], 1, *x.shape[2:]), device=x.device, dtype=x.dtype)

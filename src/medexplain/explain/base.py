@@ -10,86 +10,31 @@ Contract (DESIGN.md): ``maps = Explainer(model, **params)(x, target)``
   ``batch_size`` for the forward passes a method makes, deterministic for a given ``seed``;
 - the model is left exactly as found: train/eval flags, ``requires_grad``, hooks.
 
-Subclasses implement :meth:`Explainer.attribute` and register with :func:`register`.
+Subclasses implement :meth:`Explainer._attribute` and register with :func:`register`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..scores import as_targets, check_targets
-from ..spatial import spatial_dims_of
+from ..core.model import model_device, model_guard
+from ..core.scores import as_targets, check_targets, chunked
+from ..core.spatial import spatial_dims_of
 
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_state_dict_hooks",
-    "_load_state_dict_pre_hooks",
-)
-
-
-def _hook_ids(model: nn.Module) -> dict[tuple[int, str], set[int]]:
-    ids = {}
-    for index, module in enumerate(model.modules()):
-        for attr in HOOK_DICTS:
-            hooks = getattr(module, attr, None)
-            if hooks is not None:
-                ids[(index, attr)] = set(hooks.keys())
-    return ids
-
-
-@contextmanager
-def model_guard(model: nn.Module, eval_mode: bool = True, freeze: bool = True) -> Iterator[None]:
-    """Run a block with the model in eval mode and frozen parameters, then restore it exactly.
-
-    Restores every module's ``training`` flag and every parameter's ``requires_grad``, and
-    removes any hook a library registered inside the block but failed to remove.
-    Freezing the parameters means backward passes only compute input gradients (cheaper)
-    and never accumulate into ``param.grad``.
-    """
-    modules = list(model.modules())
-    training_flags = [m.training for m in modules]
-    params = list(model.parameters())
-    requires_grad = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    hooks_before = _hook_ids(model)
-    try:
-        if eval_mode:
-            model.eval()
-        if freeze:
-            for p in params:
-                p.requires_grad_(False)
-        yield
-    finally:
-        for module, flag in zip(modules, training_flags):
-            module.training = flag
-        for p, flag, grad in zip(params, requires_grad, grads):
-            p.requires_grad_(flag)
-            p.grad = grad
-        for index, module in enumerate(model.modules()):
-            for attr in HOOK_DICTS:
-                hooks = getattr(module, attr, None)
-                if hooks is None:
-                    continue
-                for key in set(hooks.keys()) - hooks_before.get((index, attr), set()):
-                    del hooks[key]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a parameter-free model)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
+__all__ = [
+    "Explainer",
+    "ExplainerFactory",
+    "available",
+    "create",
+    "explainer_class",
+    "register",
+    "register_wrapper",
+]
 
 
 class Explainer(ABC):
@@ -129,15 +74,13 @@ class Explainer(ABC):
             def logits() -> torch.Tensor:
                 if "out" not in logits_cache:
                     with torch.no_grad():
-                        logits_cache["out"] = torch.cat(
-                            [self.model(part) for part in torch.split(x, self.batch_size)]
-                        )
+                        logits_cache["out"] = chunked(self.model, x, self.batch_size)
                 return logits_cache["out"]
 
             targets = as_targets(target, x.shape[0], device=x.device, logits=logits)
             num_outputs = logits().shape[1]
             check_targets(targets, num_outputs)
-            maps = self.attribute(x, targets)
+            maps = self._attribute(x, targets)
         expected = (x.shape[0], 1, *x.shape[2:])
         if tuple(maps.shape) != expected:
             raise RuntimeError(
@@ -147,7 +90,7 @@ class Explainer(ABC):
         return maps.detach().to(torch.float32)
 
     @abstractmethod
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Maps ``(B, 1, *spatial)`` for images ``x`` ``(B, C, *spatial)`` and targets ``(B,)``.
 
         Called inside :func:`model_guard` (model in eval mode, parameters frozen), with x on
@@ -218,24 +161,3 @@ def explainer_class(name: str) -> type[Explainer]:
     if name not in _REGISTRY:
         raise KeyError(f"unknown explainer {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
-
-
-def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A torch.Generator on ``device`` seeded with ``seed``."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
-    return generator
-
-
-def per_image_noise(
-    shape: tuple[int, ...], batch: int, seed: int, device: torch.device | str, std: float = 1.0
-) -> torch.Tensor:
-    """Gaussian noise ``(batch, *shape)`` where every image gets the same draw for a seed.
-
-    Used by random methods so that an image's result never depends on what else is in its
-    batch (the batch-invariance contract): the noise is drawn once per image shape from a
-    generator seeded by ``seed`` and broadcast over the batch.
-    """
-    generator = seeded_generator(seed, device)
-    noise = torch.randn(shape, generator=generator, device=device) * std
-    return noise.unsqueeze(0).expand(batch, *shape)

@@ -40,9 +40,11 @@ from captum.attr import (
 )
 from torch import nn
 
-from ..perturb import make_baseline
-from ..spatial import conv, resize, spatial_dims_of
-from .base import Explainer, register, seeded_generator
+from ..core.model import seeded_generator
+from ..core.perturb import check_baseline, make_baseline
+from ..core.scores import chunked
+from ..core.spatial import conv, resize, spatial_dims_of
+from .base import Explainer, register
 
 __all__ = [
     "GradCAM",
@@ -77,33 +79,12 @@ def _map_chunks(
     Each chunk is a fresh leaf tensor (``detach().clone()``, requiring grad for gradient
     methods) so Captum never switches ``requires_grad`` on the caller's tensor.
     """
-    parts = [
-        fn(xs.detach().clone().requires_grad_(requires_grad), ts)
-        for xs, ts in zip(torch.split(x, batch_size), torch.split(targets, batch_size))
-    ]
-    return torch.cat(parts, dim=0)
-
-
-def _baseline_tensor(
-    x: torch.Tensor,
-    baseline: str | float | torch.Tensor,
-    mean_image: torch.Tensor | None,
-) -> torch.Tensor:
-    """Baseline ``(B, C, *spatial)`` for ``x``: ``"zero"``, ``"blur"``, ``"mean"``, a number or a
-    tensor broadcastable to ``x`` (see :func:`medexplain.perturb.make_baseline`)."""
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        baseline = torch.tensor(float(baseline))
-    return make_baseline(x, baseline, mean_image=mean_image)
-
-
-def _check_baseline(baseline: object, mean_image: torch.Tensor | None) -> None:
-    ok = isinstance(baseline, (torch.Tensor, float, int)) and not isinstance(baseline, bool)
-    if not ok and baseline not in ("zero", "blur", "mean"):
-        raise ValueError(
-            f"baseline must be 'zero', 'blur', 'mean', a number or a tensor, got {baseline!r}"
-        )
-    if isinstance(baseline, str) and baseline == "mean" and mean_image is None:
-        raise ValueError("baseline='mean' needs mean_image, the dataset mean image (C, *spatial)")
+    return chunked(
+        lambda xs, ts: fn(xs.detach().clone().requires_grad_(requires_grad), ts),
+        x,
+        batch_size,
+        targets,
+    )
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -136,7 +117,7 @@ class SaliencyExplainer(Explainer):
         self.abs = bool(abs)
         self.signed = not self.abs
 
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         method = Saliency(self.model)
         return _map_chunks(
             x,
@@ -156,7 +137,7 @@ class InputXGradientExplainer(Explainer):
 
     signed = True
 
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         method = InputXGradient(self.model)
         return _map_chunks(
             x,
@@ -222,15 +203,15 @@ class IntegratedGradientsExplainer(Explainer):
         if method not in IG_METHODS:
             raise ValueError(f"method must be one of {IG_METHODS}, got {method!r}")
         self.method = method
-        _check_baseline(baseline, mean_image)
+        check_baseline(baseline, mean_image)
         self.baseline = baseline
         self.mean_image = mean_image
 
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         method = IntegratedGradients(self.model)
 
         def one_chunk(xs: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-            baselines = _baseline_tensor(xs.detach(), self.baseline, self.mean_image)
+            baselines = make_baseline(xs.detach(), self.baseline, self.mean_image)
             attributions = method.attribute(
                 xs,
                 baselines=baselines,
@@ -310,7 +291,7 @@ class SmoothGrad(Explainer):
         flat = x.flatten(1)
         return self.noise_level * (flat.amax(dim=1) - flat.amin(dim=1))
 
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         method = Saliency(self.model)
         image_shape = tuple(x.shape[1:])
         view = (1, -1) + (1,) * len(image_shape)  # (sample, image, C, *spatial)
@@ -424,7 +405,7 @@ class GradCAM(Explainer):
             return layer
         raise TypeError(f"layer must be an nn.Module, a dotted name or None, got {layer!r}")
 
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         if layer is None:
             key = tuple(x.shape[1:])
@@ -508,7 +489,7 @@ class OcclusionExplainer(Explainer):
         super().__init__(model, batch_size=batch_size, seed=seed)
         if not 0 < window_fraction <= 1:
             raise ValueError(f"window_fraction must be in (0, 1], got {window_fraction!r}")
-        _check_baseline(baseline, mean_image)
+        check_baseline(baseline, mean_image)
         self.window = window
         self.stride = stride
         self.window_fraction = float(window_fraction)
@@ -529,7 +510,7 @@ class OcclusionExplainer(Explainer):
             raise ValueError(f"stride {stride} must not exceed the window {window}")
         return window, stride
 
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         method = Occlusion(self.model)
         window, stride = self.windows(x.shape[2:])
         channels = x.shape[1]
@@ -539,7 +520,7 @@ class OcclusionExplainer(Explainer):
                 xs,
                 sliding_window_shapes=(channels, *window),
                 strides=(channels, *stride),
-                baselines=_baseline_tensor(xs, self.baseline, self.mean_image),
+                baselines=make_baseline(xs, self.baseline, self.mean_image),
                 target=ts,
                 perturbations_per_eval=max(1, self.batch_size // xs.shape[0]),
             )

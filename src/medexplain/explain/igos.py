@@ -76,9 +76,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..perturb import BASELINES, make_baseline, upsample_mask
-from ..scores import ACTIVATIONS
-from .base import Explainer, per_image_noise, register
+from ..core.model import per_image_noise
+from ..core.perturb import check_baseline, make_baseline, upsample_mask
+from ..core.scores import ACTIVATIONS
+from .base import Explainer, register
 from .igos_loss import (
     DELETION,
     INSERTION,
@@ -209,12 +210,7 @@ class _MaskOptimiser(Explainer):
         for name, (value, ok) in checks.items():
             if not ok:
                 raise ValueError(f"invalid {name}={value!r} (see the IGOS docstring for ranges)")
-        if isinstance(baseline, str) and baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
-        if not isinstance(baseline, (str, torch.Tensor)):
-            raise TypeError(f"baseline must be a string or a tensor, got {type(baseline).__name__}")
-        if isinstance(baseline, str) and baseline == "mean" and mean_image is None:
-            raise ValueError("baseline='mean' needs mean_image, the dataset mean (C, *spatial)")
+        check_baseline(baseline, mean_image)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.size = size
@@ -290,7 +286,7 @@ class _MaskOptimiser(Explainer):
         return maps, self.last_trace
 
     # ------------------------------------------------------------------- the method
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         spatial = tuple(x.shape[2:])
         mask_size = self.mask_size(spatial)
         baseline = make_baseline(x, self.baseline, self.mean_image)

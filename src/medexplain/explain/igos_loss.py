@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..perturb import apply_mask
-from ..scores import probabilities
+from ..core.perturb import apply_mask
+from ..core.scores import probabilities
 
 #: Path kinds of :class:`PathScorer`: deletion walks ``phi(x, b, a M)`` (M = 1 keeps the
 #: image), insertion walks ``phi(b, x, a M)`` (M = 1 shows the baseline).

@@ -52,10 +52,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..perturb import BASELINES, apply_mask, make_baseline
-from ..scores import ACTIVATIONS, as_targets, check_targets, class_score
-from ..spatial import adaptive_avg_pool, spatial_dims_of
-from .base import Explainer, model_guard, register
+from ..core.model import model_guard
+from ..core.perturb import apply_mask, check_baseline, make_baseline
+from ..core.scores import ACTIVATIONS, as_targets, check_targets, class_score
+from ..core.spatial import adaptive_avg_pool, spatial_dims_of
+from .base import Explainer, register
 from .sag_graph import (
     PatchSet,
     SAGResult,
@@ -194,12 +195,7 @@ class StructuredAttentionGraph(Explainer):
             raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
         if not 0.0 <= float(child_threshold) < 1.0:
             raise ValueError(f"child_threshold must be in [0, 1), got {child_threshold!r}")
-        if isinstance(baseline, str) and baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
-        if not isinstance(baseline, (str, torch.Tensor)):
-            raise TypeError(f"baseline must be a string or a tensor, got {type(baseline).__name__}")
-        if isinstance(baseline, str) and baseline == "mean" and mean_image is None:
-            raise ValueError("baseline='mean' needs mean_image, the dataset mean (C, *spatial)")
+        check_baseline(baseline, mean_image)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.grid = grids
@@ -291,7 +287,7 @@ class StructuredAttentionGraph(Explainer):
             check_targets(targets, logits().shape[1])
             return self._explain_one(x, int(targets[0]))
 
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         maps = []
         self.last_results = []
         for i in range(x.shape[0]):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..spatial import adaptive_avg_pool, batch_norm, check_dims, conv, instance_norm, max_pool
+from ..core.spatial import adaptive_avg_pool, batch_norm, check_dims, conv, instance_norm, max_pool
 
 NORMS = ("batch", "instance", "none")
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...spatial import check_dims, functional_conv
+from ...core.spatial import check_dims, functional_conv
 
 #: CondConv experts per layer in the warping simulators (authors' setting).
 DEFAULT_EXPERTS = 3

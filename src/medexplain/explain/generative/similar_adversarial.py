@@ -69,8 +69,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ...core.model import model_guard, seeded_generator
+from ...core.scores import chunked
+from ...models.fingerprint import check_classifier, classifier_record
 from ..augment import RandomAffine, as_random_affine, warp
-from ..base import Explainer, model_guard, register, seeded_generator
+from ..base import Explainer, register
 from .unet import UNet, UNetConfig
 
 CHECKPOINT_KIND = "similar_adversarial_unet"
@@ -214,10 +217,13 @@ class SimilarAdversarial(Explainer):
         patience: int | None = 8,
         max_seconds: float | None = None,
         other_target: str = "warn",
+        force: bool = False,
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
+        self.force = bool(force)
+        self.input_shape: tuple[int, ...] | None = None
         if checkpoint is not None and generator is not None:
             raise ValueError("give either checkpoint= or generator=, not both")
         if similar_weight < 0 or adversarial_weight < 0:
@@ -319,10 +325,10 @@ class SimilarAdversarial(Explainer):
         x = x.to(self.device, torch.float32)
         self._check_input(x)
         with _TrainingMode(generator, False):
-            out = torch.cat([generator(part) for part in torch.split(x, self.batch_size)])
+            out = chunked(generator, x, self.batch_size)
         return out[:, 0], out[:, 1]
 
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.other_target != "ignore":
             self._check_targets(x, targets)
@@ -331,7 +337,7 @@ class SimilarAdversarial(Explainer):
 
     @torch.no_grad()
     def _check_targets(self, x: torch.Tensor, targets: torch.Tensor) -> None:
-        logits = torch.cat([self.model(part) for part in torch.split(x, self.batch_size)])
+        logits = chunked(self.model, x, self.batch_size)
         if logits.shape[1] == 1:
             return  # target 0 is the only output; the decision is its sign
         different = int((logits.argmax(dim=1) != targets).sum())
@@ -441,6 +447,7 @@ class SimilarAdversarial(Explainer):
             raise ValueError("dataset must be a non-empty map-style Dataset of (image, label)")
         first = _images(dataset[0]) if not isinstance(dataset[0], torch.Tensor) else dataset[0]
         first = torch.as_tensor(first)
+        self.input_shape = tuple(int(s) for s in first.shape)
         if self.generator is None:
             config = UNetConfig(
                 in_channels=int(first.shape[0]),
@@ -532,6 +539,7 @@ class SimilarAdversarial(Explainer):
         extra: dict[str, Any] = {
             "method": "similar_adversarial",
             "training": self.training_parameters(),
+            "classifier": classifier_record(self.model, self.input_shape),
         }
         if self.history is not None:
             extra["history"] = {
@@ -553,6 +561,7 @@ class SimilarAdversarial(Explainer):
             raise ValueError(
                 f"{path} holds a {type(module).__name__}, not a similar/adversarial generator"
             )
+        check_classifier(extra, self.model, path, self.force)
         self.set_generator(module)
         training = (extra or {}).get("training", {})
         for key in ("similar_weight", "adversarial_weight", "adversarial_target"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...spatial import spatial_dims_of
+from ...core.spatial import spatial_dims_of
 
 #: Number of squarings in scaling and squaring (VoxelMorph-diff default, Dalca et al. 2019).
 DEFAULT_SQUARINGS = 7

@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...spatial import batch_norm, check_dims, conv, instance_norm, interpolation_mode, max_pool
+from ...core.spatial import (
+    batch_norm,
+    check_dims,
+    conv,
+    instance_norm,
+    interpolation_mode,
+    max_pool,
+)
 
 NORMS = ("batch", "instance", "none")
 

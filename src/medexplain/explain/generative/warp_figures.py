@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...core.spatial import spatial_dims_of
 from ...data.writers import save_nifti  # noqa: F401  (re-exported)
-from ...spatial import spatial_dims_of
 from .jacobian import jacobian_determinant
 from .spatial_transform import check_displacement
 

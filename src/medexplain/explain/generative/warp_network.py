@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...spatial import (
+from ...core.spatial import (
     adaptive_avg_pool,
     check_dims,
     gaussian_blur,

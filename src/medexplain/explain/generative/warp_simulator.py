@@ -53,9 +53,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ...core.model import model_device, model_guard
+from ...core.scores import chunked
 from ...models.checkpoint import load_checkpoint, register_builder, save_checkpoint
+from ...models.fingerprint import check_classifier, classifier_record
 from ...models.train import IMAGE_KEYS, TrainHistory, split_batch, train_loop
-from ..base import Explainer, model_device, model_guard, register
+from ..base import Explainer, register
 from .jacobian import jacobian_determinant, log_jacobian
 from .spatial_transform import warp
 from .warp_network import (
@@ -284,7 +287,7 @@ def collect_samples(
     model: nn.Module, dataset: Dataset, target_class=None, batch_size: int = 64
 ) -> tuple[_Samples, int, tuple[int, ...], list[int]]:
     """Training pairs from the correctly classified images of ``dataset`` under the frozen
-    ``model`` (call inside :func:`~medexplain.explain.base.model_guard`).
+    ``model`` (call inside :func:`~medexplain.core.model.model_guard`).
 
     ``dataset`` items are ``(image, label, ...)`` or dicts. For each class ``k`` of
     ``target_class`` (None: all): correct images of class ``k`` -> removal (-1), correct
@@ -379,11 +382,14 @@ class WarpSimulatorExplainer(Explainer):
         *,
         simulator: WarpSimulator | None = None,
         checkpoint: str | Path | None = None,
+        force: bool = False,
         batch_size: int = 32,
         seed: int = 0,
         **params: Any,
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
+        self.force = bool(force)
+        self.input_shape: tuple[int, ...] | None = None
         unknown = sorted(set(params) - _NETWORK_FIELDS - _FIT_FIELDS)
         if unknown:
             raise TypeError(
@@ -502,6 +508,7 @@ class WarpSimulatorExplainer(Explainer):
         self.margin = margin
         self.target_classes = classes
         self.history = history
+        self.input_shape = tuple(int(s) for s in shape)
         return self
 
     def _extra(self) -> dict[str, Any]:
@@ -509,6 +516,9 @@ class WarpSimulatorExplainer(Explainer):
             "margin": self.margin,
             "target_classes": self.target_classes,
             "fit_config": asdict(self.fit_config),
+            "classifier": classifier_record(
+                self.model, self.input_shape, self._fitted().config.num_classes
+            ),
         }
         if self.history is not None:
             h = self.history
@@ -534,6 +544,7 @@ class WarpSimulatorExplainer(Explainer):
             raise ValueError(
                 f"{path} holds a {type(simulator).__name__}, not a warp simulator checkpoint"
             )
+        check_classifier(extra, self.model, path, self.force)
         self.simulator = simulator.eval()
         self.margin = extra.get("margin")
         classes = extra.get("target_classes")
@@ -610,33 +621,27 @@ class WarpSimulatorExplainer(Explainer):
         return f0, f1
 
     def _log_odds(self, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        size = self.batch_size
-        return torch.cat(
-            [
-                class_log_odds(self.model(part), c)
-                for part, c in zip(torch.split(x, size), torch.split(cls, size))
-            ]
-        )
+        return chunked(lambda part, c: class_log_odds(self.model(part), c), x, self.batch_size, cls)
 
-    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         simulator = self._fitted()
-        parts = []
+
+        def one_chunk(xs: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+            logits = self.model(xs)
+            self._check_classes(ts, logits.shape[1])
+            # the model decides the target: explain by removal; otherwise by injection
+            single = logits.shape[1] == 1
+            decided = logits[:, 0] > 0 if single else logits.argmax(dim=1) == ts
+            direction = torch.where(decided, -1.0, 1.0)
+            cond = make_condition(
+                ts, direction, xs.shape[0], simulator.config.num_classes, xs.device
+            )
+            u = simulator(xs, cond)
+            sign = -direction.view(-1, *([1] * (xs.dim() - 1)))
+            return sign * log_jacobian(u)
+
         with torch.no_grad(), model_guard(simulator):
-            size = self.batch_size
-            for xs, ts in zip(torch.split(x, size), torch.split(targets, size)):
-                logits = self.model(xs)
-                self._check_classes(ts, logits.shape[1])
-                # the model decides the target: explain by removal; otherwise by injection
-                single = logits.shape[1] == 1
-                decided = logits[:, 0] > 0 if single else logits.argmax(dim=1) == ts
-                direction = torch.where(decided, -1.0, 1.0)
-                cond = make_condition(
-                    ts, direction, xs.shape[0], simulator.config.num_classes, xs.device
-                )
-                u = simulator(xs, cond)
-                sign = -direction.view(-1, *([1] * (x.dim() - 1)))
-                parts.append(sign * log_jacobian(u))
-        return torch.cat(parts)
+            return chunked(one_chunk, x, self.batch_size, targets)
 
     def __repr__(self) -> str:
         state = "fitted" if self.simulator is not None else "unfitted"

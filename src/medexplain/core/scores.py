@@ -17,18 +17,56 @@ ACTIVATIONS = ("auto", "softmax", "sigmoid", "logit")
 
 
 def chunked(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int | None
+    fn: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    batch_size: int | None,
+    *aligned: torch.Tensor,
 ) -> torch.Tensor:
-    """Apply ``fn`` to ``x`` in chunks of ``batch_size`` along dim 0 and concatenate.
+    """``fn(x_chunk, *aligned_chunks)`` on chunks of ``batch_size`` along dim 0, concatenated.
 
-    Bounds memory for methods that make many forward passes. ``batch_size=None`` or a size
-    at least ``len(x)`` makes one call.
+    The one helper for forward (and backward) passes over many images: it bounds memory for
+    methods that make many passes. ``aligned`` are per-image tensors (targets, classes) split
+    the same way as ``x``. ``batch_size=None`` or a size at least ``len(x)`` makes one call.
     """
     if batch_size is None or batch_size >= x.shape[0]:
-        return fn(x)
+        return fn(x, *aligned)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return torch.cat([fn(part) for part in torch.split(x, batch_size)], dim=0)
+    chunks = zip(torch.split(x, batch_size), *(torch.split(t, batch_size) for t in aligned))
+    return torch.cat([fn(*parts) for parts in chunks], dim=0)
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"the model must return logits (B, K); got shape {tuple(logits.shape)}")
+
+
+def predict_classes(logits: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """The model's decision for logits ``(B, K)``: the one rule used by every layer.
+
+    - ``K > 1`` single-label: the argmax, long ``(B,)``;
+    - ``K == 1``: class 1 when the logit is > 0 (sigmoid > 1/2), else class 0, long ``(B,)``;
+    - ``multilabel``: one independent decision per head, ``logit > 0``, long ``(B, K)``.
+    """
+    _check_logits(logits)
+    if multilabel:
+        return (logits > 0).to(torch.long)
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).to(torch.long)
+    return logits.argmax(dim=1)
+
+
+def default_targets(logits: torch.Tensor) -> torch.Tensor:
+    """The output index an explainer explains when no target is given, long ``(B,)``.
+
+    The predicted class (argmax) for ``K > 1``; for a one-logit model the only output, index 0,
+    whatever :func:`predict_classes` decides (the map of that logit is evidence for class 1,
+    and a signed map's sign says which class it supports).
+    """
+    _check_logits(logits)
+    if logits.shape[1] == 1:
+        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return logits.argmax(dim=1)
 
 
 def as_targets(
@@ -40,17 +78,12 @@ def as_targets(
     """Normalise a target argument to a long tensor ``(B,)``.
 
     ``target`` may be an int (same class for every image), a tensor/sequence of B ints, or
-    None: then the predicted class (argmax of ``logits()``; 0 for a single-logit model).
+    None: then :func:`default_targets` of ``logits()``.
     """
     if target is None:
         if logits is None:
             raise ValueError("target=None needs the model's logits to pick the predicted class")
-        out = logits()
-        if out.dim() != 2:
-            raise ValueError(f"the model must return logits (B, K); got shape {tuple(out.shape)}")
-        if out.shape[1] == 1:
-            return torch.zeros(batch, dtype=torch.long, device=device)
-        return out.argmax(dim=1).to(device)
+        return default_targets(logits()).to(device)
     if isinstance(target, bool):
         raise TypeError("target must be an int, a tensor of ints or None, not a bool")
     if isinstance(target, int):
@@ -107,14 +140,12 @@ def class_score(
 
     ``targets`` is ``(B,)``; chunks of ``x`` take the matching chunk of targets.
     """
-    if batch_size is None or batch_size >= x.shape[0]:
-        probs = probabilities(model(x), activation)
-        return probs.gather(1, targets.view(-1, 1).to(probs.device)).squeeze(1)
-    parts = []
-    for xs, ts in zip(torch.split(x, batch_size), torch.split(targets, batch_size)):
+
+    def score(xs: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         probs = probabilities(model(xs), activation)
-        parts.append(probs.gather(1, ts.view(-1, 1).to(probs.device)).squeeze(1))
-    return torch.cat(parts)
+        return probs.gather(1, ts.view(-1, 1).to(probs.device)).squeeze(1)
+
+    return chunked(score, x, batch_size, targets)
 
 
 @torch.no_grad()

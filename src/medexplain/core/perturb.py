@@ -4,7 +4,8 @@ I-GOS/iGOS++ (mask optimisation), SAG (patch visibility), deletion/insertion and
 PEPPR all perturb images the same way, so they all call this module:
 
 - baselines: ``blur`` (Gaussian blur of the image, I-GOS default), ``zero``,
-  ``mean`` (a dataset mean image, natural for aligned data) or any tensor;
+  ``mean`` (a dataset mean image, natural for aligned data), a number or any tensor,
+  all validated by the one :func:`check_baseline`;
 - ``apply_mask(x, baseline, mask)`` = ``x * up(M) + b * (1 - up(M))`` where
   ``up`` is linear upsampling with ``align_corners=True`` (METHODS.md notation
   ``phi(x, b, M)``; ``M = 1`` keeps the image);
@@ -53,33 +54,57 @@ def blur_baseline(
     return gaussian_blur(x, sigma=sigma, kernel_size=kernel_size)
 
 
+def check_baseline(baseline: object, mean_image: torch.Tensor | None = None) -> None:
+    """Raise unless ``baseline`` is something :func:`make_baseline` accepts.
+
+    Accepted: one of :data:`BASELINES`, a number (a constant image), or a tensor broadcastable
+    to the images; ``"mean"`` also needs ``mean_image``. Explainers call this in their
+    constructor so that a bad value fails before any work is done.
+    """
+    if isinstance(baseline, torch.Tensor):
+        return
+    if isinstance(baseline, bool) or not isinstance(baseline, (str, int, float)):
+        raise TypeError(
+            f"baseline must be one of {BASELINES}, a number or a tensor, "
+            f"got {type(baseline).__name__}"
+        )
+    if isinstance(baseline, str):
+        if baseline not in BASELINES:
+            raise ValueError(
+                f"baseline must be one of {BASELINES}, a number or a tensor, got {baseline!r}"
+            )
+        if baseline == "mean" and mean_image is None:
+            raise ValueError(
+                "baseline='mean' needs mean_image, the dataset mean image of shape (C, *spatial)"
+            )
+
+
 def make_baseline(
     x: torch.Tensor,
-    baseline: str | torch.Tensor = "blur",
+    baseline: str | float | torch.Tensor = "blur",
     mean_image: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Baseline image(s) for ``x`` ``(B, C, *spatial)``, same shape as ``x``.
 
     ``baseline`` is ``"blur"``, ``"zero"``, ``"mean"`` (needs ``mean_image`` of shape
-    ``(C, *spatial)`` or ``(1, C, *spatial)``) or a tensor broadcastable to ``x``.
+    ``(C, *spatial)`` or ``(1, C, *spatial)``), a number (a constant image) or a tensor
+    broadcastable to ``x``; :func:`check_baseline` says which values are accepted.
     """
     spatial_dims_of(x)
+    check_baseline(baseline, mean_image)
+    if isinstance(baseline, (int, float)):
+        baseline = torch.tensor(float(baseline))
     if isinstance(baseline, torch.Tensor):
         return baseline.to(device=x.device, dtype=x.dtype).expand_as(x).clone()
     if baseline == "blur":
         return blur_baseline(x)
     if baseline == "zero":
         return torch.zeros_like(x)
-    if baseline == "mean":
-        if mean_image is None:
-            raise ValueError(
-                "baseline='mean' needs mean_image, the dataset mean image of shape (C, *spatial)"
-            )
-        mean = mean_image.to(device=x.device, dtype=x.dtype)
-        if mean.dim() == x.dim() - 1:
-            mean = mean.unsqueeze(0)
-        return mean.expand_as(x).clone()
-    raise ValueError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
+    assert mean_image is not None  # "mean": check_baseline made sure
+    mean = mean_image.to(device=x.device, dtype=x.dtype)
+    if mean.dim() == x.dim() - 1:
+        mean = mean.unsqueeze(0)
+    return mean.expand_as(x).clone()
 
 
 def upsample_mask(mask: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
