@@ -12,6 +12,7 @@ from scipy.stats import mannwhitneyu
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from medexplain.core.ranks import rank_auroc
 from medexplain.models import checkpoint
 from medexplain.models.checkpoint import (
     FORMAT,
@@ -24,7 +25,6 @@ from medexplain.models.cnn import CNNConfig, SmallCNN, build_classifier
 from medexplain.models.train import (
     evaluate_classifier,
     recalibrate_batch_norm,
-    roc_auc,
     seed_everything,
     train_classifier,
     train_loop,
@@ -275,6 +275,13 @@ def test_benchmark_classifier_reaches_95_percent(classifier2d, bench2d):
 
 
 # --------------------------------------------------------------------------- AUC
+# evaluate_classifier's AUC is core.ranks.rank_auroc on 1D inputs.
+
+
+def roc_auc(scores, positive) -> float:
+    return float(
+        rank_auroc(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(positive))
+    )
 
 
 def test_auc_hand_computed_examples():

@@ -18,16 +18,20 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..core.model import model_device, model_guard
+from ..core.progress import progress_bar
+from ..core.ranks import rank_auroc
+from ..core.scores import predict_classes
 
 IMAGE_KEYS = ("image", "x", "input")
 LABEL_KEYS = ("label", "y", "target")
@@ -62,20 +66,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 @contextmanager
 def _seeded(module: nn.Module, seed: int) -> Iterator[None]:
     """Seed torch's RNG for the block (dropout, global-RNG shuffling) and restore the
     caller's RNG state afterwards, so training is deterministic without touching global
     state."""
-    device = _module_device(module)
+    device = model_device(module)
     if device.type == "cpu":
         fork = torch.random.fork_rng(devices=[])
     else:
@@ -84,29 +80,6 @@ def _seeded(module: nn.Module, seed: int) -> Iterator[None]:
     with fork:
         torch.manual_seed(int(seed))
         yield
-
-
-def _progress(enabled: bool, description: str):
-    if not enabled:
-        return nullcontext(None)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -192,8 +165,8 @@ def train_loop(
     def out_of_time() -> bool:
         return max_seconds is not None and time.perf_counter() - start > max_seconds
 
-    with _seeded(module, seed), _progress(progress, description) as bar:
-        task = bar.add_task(description, total=total, status="") if bar is not None else None
+    with _seeded(module, seed), progress_bar(progress) as bar:
+        task = bar.add_task(description, total=total, status="")
         for epoch in range(int(epochs)):
             if epoch > 0 and out_of_time():
                 history.stopped_early, history.stop_reason = True, "time"
@@ -218,7 +191,7 @@ def train_loop(
                 optimizer.step()
                 losses.append(float(loss.detach()))
                 history.steps += 1
-                if bar is not None and steps_per_epoch:
+                if steps_per_epoch:
                     bar.update(task, advance=1, status=f"loss {losses[-1]:.4f}")
             if not losses:
                 advice = ": pass a re-iterable (a DataLoader, a list), not a generator"
@@ -246,14 +219,13 @@ def train_loop(
                     bad_epochs += 1
             else:
                 history.best_epoch = epoch
-            if bar is not None:
-                status = f"epoch {epoch + 1}/{epochs} loss {history.train_loss[-1]:.4f}"
-                if val_fn is not None:
-                    status += f" val {history.val_metric[-1]:.4f}" + (" *" if improved else "")
-                if steps_per_epoch:
-                    bar.update(task, status=status)
-                else:
-                    bar.update(task, advance=1, status=status)
+            status = f"epoch {epoch + 1}/{epochs} loss {history.train_loss[-1]:.4f}"
+            if val_fn is not None:
+                status += f" val {history.val_metric[-1]:.4f}" + (" *" if improved else "")
+            if steps_per_epoch:
+                bar.update(task, status=status)
+            else:
+                bar.update(task, advance=1, status=status)
             if timed_out:
                 history.stopped_early, history.stop_reason = True, "time"
                 break
@@ -261,7 +233,7 @@ def train_loop(
                 history.stopped_early = epoch + 1 < int(epochs)
                 history.stop_reason = "patience"
                 break
-        if bar is not None and steps_per_epoch:
+        if steps_per_epoch:
             bar.update(task, completed=total)
 
     if best_state is not None:
@@ -330,23 +302,12 @@ def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoa
     )
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = [m.training for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, flag in zip(model.modules(), flags):
-            module.training = flag
-
-
 def _predict(
     model: nn.Module, data: Dataset, batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(N, K)`` and labels ``(N,)`` of a whole dataset (CPU tensors)."""
     logits, labels = [], []
-    with _eval_mode(model), torch.no_grad():
+    with model_guard(model, freeze=False), torch.no_grad():
         for batch in _loader(data, batch_size, shuffle=False, seed=0):
             x, y = split_batch(batch)
             out = model(x.to(device))
@@ -358,8 +319,7 @@ def _predict(
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
-    return float((pred == labels).float().mean())
+    return float((predict_classes(logits) == labels).float().mean())
 
 
 def _classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -415,7 +375,7 @@ def train_classifier(
         raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
     if device is not None:
         model.to(device)
-    dev = _module_device(model)
+    dev = model_device(model)
     loader = _loader(train, batch_size, shuffle=True, seed=seed)
 
     def loss_fn(batch: Any) -> torch.Tensor:
@@ -527,28 +487,6 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) ->
 # --------------------------------------------------------------------------- evaluation
 
 
-def roc_auc(scores: Any, positive: Any) -> float:
-    """Area under the ROC curve of ``scores`` for the binary labels ``positive``.
-
-    Equals the Mann-Whitney U statistic over ``n_pos * n_neg``: the probability that a
-    random positive scores higher than a random negative, ties counting one half
-    (average ranks). NaN when either class is absent.
-    """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    p = np.asarray(positive).reshape(-1).astype(bool)
-    if s.shape != p.shape:
-        raise ValueError(
-            f"scores and positive must have the same length, got {s.size} and {p.size}"
-        )
-    n_pos = int(p.sum())
-    n_neg = p.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(s)  # average ranks for ties
-    u = ranks[p].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
 def evaluate_classifier(
     model: nn.Module,
     data: Dataset,
@@ -566,16 +504,16 @@ def evaluate_classifier(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    dev = torch.device(device) if device is not None else _module_device(model)
-    if dev != _module_device(model):
+    dev = torch.device(device) if device is not None else model_device(model)
+    if dev != model_device(model):
         model.to(dev)
     logits, labels = _predict(model, data, batch_size, dev)
     if logits.shape[1] == 1:
-        per_class = [roc_auc(torch.sigmoid(logits[:, 0]).numpy(), labels.numpy() == 1)]
+        per_class = [float(rank_auroc(torch.sigmoid(logits[:, 0]), labels == 1))]
     else:
-        probs = torch.softmax(logits, dim=1).numpy()
-        y = labels.numpy()
-        per_class = [roc_auc(probs[:, k], y == k) for k in range(logits.shape[1])]
+        probs = torch.softmax(logits, dim=1).T  # (K, N): one row per class
+        classes = torch.arange(logits.shape[1]).view(-1, 1)
+        per_class = rank_auroc(probs, labels.view(1, -1) == classes).tolist()
     defined = [a for a in per_class if not math.isnan(a)]
     return {
         "accuracy": _accuracy(logits, labels),
