@@ -74,16 +74,21 @@ def test_tiny_demo_writes_everything(tmp_path):
 
 
 def test_costly_methods_explain_a_subset_and_volumes_get_their_parameters():
-    """The per-method image counts and 3D parameters of ``DEMO_METHODS`` reach the run:
-    the smaller of the mode's and the 3D count, never more than the explained set."""
-    from medexplain.demo import DEMO_METHODS
+    """The per-method image counts of ``DEMO_IMAGES`` and 3D parameters of ``DEMO_METHODS``
+    reach the run: the smaller of the mode's and the 3D count, never more than the explained
+    set."""
+    from medexplain.demo import DEMO_IMAGES
 
-    table = DEMO_METHODS["igos++"]
+    table = DEMO_IMAGES["igos++"]
     default, quick = DemoSettings.for_run(), DemoSettings.for_run(quick=True)
     volumes = DemoSettings.for_run(dims=3)
-    assert default.method_images("igos++") == (table["images"]["default"], 1)
-    assert quick.method_images("igos++") == (table["images"]["quick"], 1)
-    assert volumes.method_images("igos++") == (table["images"]["3d"], 0)
+    assert default.method_images("igos++") == (table["explain"]["default"], 1)
+    assert quick.method_images("igos++") == (table["explain"]["quick"], 1)
+    assert volumes.method_images("igos++") == (table["explain"]["3d"], 0)
+    occlusion = DEMO_IMAGES["occlusion"]["sanity"]
+    assert default.method_images("occlusion") == (default.n_explain, occlusion["default"])
+    # 3D: min(mode count 6, 3D count 1) = 1, within the run's n_sanity = 2.
+    assert volumes.method_images("occlusion") == (volumes.n_explain, 1)
     assert default.method_images("saliency") == (default.n_explain, default.n_sanity)
     tiny = DemoSettings.for_run(n_explain=5)
     assert tiny.method_images("igos") == (5, 1)

@@ -1,4 +1,4 @@
-"""The demo's warping-simulator section (METHODS.md section 5, issue 7).
+"""The demo's warping-simulator step (the warping simulator of the method specifications).
 
 A conditional warping simulator is fitted for the benchmark's ``atrophy`` class against the
 demo classifier (removal on atrophy images, injection on the others), then scored on held-out
@@ -26,6 +26,7 @@ from ..explain.generative.warp_figures import plot_simulation
 from ..explain.generative.warp_simulator import fit_warp_simulator
 from ..pipeline import predicted_classes
 from ..report.nifti import save_nifti
+from .state import DemoState
 
 WARP_CLASS = "atrophy"
 HEALTHY_CLASS = "healthy"
@@ -126,3 +127,25 @@ def run_warp_section(
         save_nifti(mean_map, maps_dir / "removal_mean_log_jacobian.nii.gz")
     entry["seconds_total"] = time.perf_counter() - started
     return entry, figures
+
+
+def run_warp(state: DemoState) -> DemoState:
+    """What would have to change in the anatomy: the warping simulator for the atrophy
+    class, when ``warp_seconds > 0`` (:func:`run_warp_section`)."""
+    settings = state.settings
+    if settings.warp_seconds <= 0:
+        return state
+    with state.timed("warp_simulator"):
+        state.warp, figures = run_warp_section(
+            state.model,
+            state.train,
+            state.val,
+            state.test,
+            state.out,
+            max_seconds=settings.warp_seconds,
+            n_images=settings.warp_images,
+            seed=settings.seed,
+            progress=state.progress,
+        )
+        state.figures.update(figures)
+    return state
