@@ -9,7 +9,7 @@ dimensions instead of branching themselves.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ def instance_norm(dims: int) -> type[nn.Module]:
     return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[check_dims(dims)]
 
 
-def functional_conv(dims: int):
+def functional_conv(dims: int) -> Callable[..., torch.Tensor]:
     return {2: F.conv2d, 3: F.conv3d}[check_dims(dims)]
 
 
@@ -85,7 +85,12 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode=interpolation_mode(dims), align_corners=True)
 
 
-def gaussian_kernel1d(sigma: float, kernel_size: int, device=None, dtype=torch.float32):
+def gaussian_kernel1d(
+    sigma: float,
+    kernel_size: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Normalised 1D Gaussian of odd length ``kernel_size``."""
     if kernel_size % 2 == 0 or kernel_size < 1:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
