@@ -22,7 +22,7 @@ the classifier gets right:
 images in each direction, folding < 0.1% (plain) and 0 (diffeomorphic), AUROC >= 0.9.
 
 The measures come from
-:func:`medexplain.explain.generative.warp_evaluation.evaluate_warp_simulator`. Prints one
+:func:`medexplain.metrics.warp.evaluate_warp_simulator`. Prints one
 JSON document. Usage:
 ``python benchmarks/warp_simulator.py [--dims 2 3] [--variants plain diffeomorphic]
 [--max-seconds-2d 300] [--max-seconds-3d 600] [--param key=value ...] [--quick] [--out DIR]``.
@@ -40,12 +40,13 @@ import torch
 
 from medexplain.cli import parse_params
 from medexplain.data.synthetic import make_benchmark
-from medexplain.explain.generative.warp_evaluation import DIRECTIONS, evaluate_warp_simulator
-from medexplain.explain.generative.warp_figures import plot_simulation, save_nifti
+from medexplain.data.writers import save_nifti
 from medexplain.explain.generative.warp_simulator import fit_warp_simulator
+from medexplain.metrics.warp import SHIFTS, evaluate_warp_simulator
 from medexplain.models.cnn import CNNConfig, build_classifier
 from medexplain.models.train import evaluate_classifier, train_classifier
 from medexplain.pipeline import predicted_classes
+from medexplain.report.warp_plot import plot_simulation
 
 CLASSES = ("healthy", "atrophy")
 ATROPHY = 1
@@ -142,15 +143,16 @@ def run_variant(model, train, val, atrophy, healthy, dims, variant, cfg, args) -
         "simulator_config": asdict(explainer.simulator.config),
         "fit_config": asdict(explainer.fit_config),
     }
-    truth_injection = healthy.regions["atrophy"].unsqueeze(0)  # where the pattern would be
+    # healthy images are scored against where the pattern would be
+    region = healthy.regions["atrophy"]  # (1, *S)
+    truth_injection = region[None].expand(len(healthy), *region.shape)
     result.update(
         evaluate_warp_simulator(
             explainer,
-            ATROPHY,
-            atrophy.images,
-            healthy.images,
-            removal_truth=atrophy.evidence,
-            injection_truth=truth_injection,
+            torch.cat([atrophy.images, healthy.images]),
+            torch.cat([atrophy.labels, healthy.labels]),
+            target_class=ATROPHY,
+            masks=torch.cat([atrophy.evidence, truth_injection]),
         )
     )
     if args.out is not None:
@@ -159,7 +161,7 @@ def run_variant(model, train, val, atrophy, healthy, dims, variant, cfg, args) -
             _, det = plot_simulation(
                 explainer,
                 part.images[:4],
-                DIRECTIONS[name],
+                SHIFTS[name],
                 ATROPHY,
                 path=f"{stem}.png",
                 titles=[name] * len(part.images[:4]),

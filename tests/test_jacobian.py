@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from medexplain.core.jacobian import folding_fraction, log_jacobian
 from medexplain.explain.generative import jacobian_determinant
-from medexplain.explain.generative.jacobian import folding_fraction, log_jacobian
 from medexplain.explain.generative.spatial_transform import identity_grid
 
 SHAPES = {2: (9, 11), 3: (6, 7, 8)}

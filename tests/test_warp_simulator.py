@@ -9,10 +9,10 @@ import scipy.linalg
 import scipy.ndimage
 import torch
 
+from medexplain.core.jacobian import folding_fraction, log_jacobian
 from medexplain.core.spatial import gaussian_blur
 from medexplain.explain import create
 from medexplain.explain.generative import jacobian_determinant
-from medexplain.explain.generative.jacobian import folding_fraction, log_jacobian
 from medexplain.explain.generative.spatial_transform import (
     compose,
     identity_grid,
@@ -427,7 +427,8 @@ def test_figure_centres_the_jacobian_at_one_and_nifti_keeps_the_affine(tmp_path)
     import nibabel as nib
     from matplotlib.colors import TwoSlopeNorm
 
-    from medexplain.explain.generative import plot_warp, save_nifti
+    from medexplain.data.writers import save_nifti
+    from medexplain.report.warp_plot import plot_warp
 
     x = torch.rand(2, 1, 6, 12, 12)
     u = 0.3 * smooth_field(3, (6, 12, 12), 1.0, 1.5, seed=0).float().expand(2, -1, -1, -1, -1)
@@ -476,30 +477,38 @@ class _StubSimulator:
 
 
 def test_evaluation_measures_by_hand():
-    from medexplain.explain.generative.warp_evaluation import evaluate_warp_simulator
+    from medexplain.metrics.warp import evaluate_warp_simulator
 
     truth = torch.zeros(1, 1, 6, 5, dtype=torch.bool)
     truth[..., 1:3, 2:4] = True
     removal = truth.float().repeat(4, 1, 1, 1) + 0.01 * torch.rand(4, 1, 6, 5)  # map = truth
     injection = 1.0 - truth.float().repeat(2, 1, 1, 1)  # map = the complement
     stub = _StubSimulator({-1: torch.tensor([0.5, 1.0, 1.5, 3.0]), 1: torch.tensor([2.0, 0.2])})
-    scores = evaluate_warp_simulator(
-        stub, 0, removal, injection, removal_truth=truth, injection_truth=truth
-    )
+    # interleaved: the split into removal (label 0) and injection keeps each group's order
+    x = torch.cat([removal[:2], injection[:1], removal[2:], injection[1:]])
+    y = torch.tensor([0, 0, 2, 0, 0, 1])
+    scores = evaluate_warp_simulator(stub, x, y, target_class=0, masks=truth)
     assert scores["reached_removal"] == 0.75 and scores["median_shift_removal"] == 1.0
     assert scores["reached_injection"] == 0.5
     assert scores["folding_fraction"] == pytest.approx(4 / 6)  # every removal pixel folds
     variance = torch.cat([removal, injection]).flatten(1).var(1).mean()
     assert scores["cycle_relative_mse"] == pytest.approx(0.04 / float(variance), rel=1e-5)
     assert scores["auroc_removal"] == 1.0 and scores["auroc_injection"] == 0.0
+    assert scores["n_removal"] == 4 and scores["n_injection"] == 2
+    # maps and per-image masks given: the same AUROCs, no map timing
+    masks = truth.expand(6, -1, -1, -1)
+    given = evaluate_warp_simulator(stub, x, y, x, target_class=0, masks=masks)
+    assert given["auroc_removal"] == 1.0 and given["auroc_injection"] == 0.0
+    assert "map_seconds_per_image_removal" not in given
 
 
 def test_reached_fraction_is_exact_at_the_threshold():
     """9 of 10 is 0.9 (a float32 mean gives 0.8999999761), so the 90% check passes."""
-    from medexplain.explain.generative.warp_evaluation import evaluate_warp_simulator
+    from medexplain.metrics.warp import evaluate_warp_simulator
 
     shifts = torch.tensor([2.0] * 9 + [0.2])
     stub = _StubSimulator({-1: shifts, 1: shifts})
     images = torch.rand(10, 1, 6, 5)
-    scores = evaluate_warp_simulator(stub, 0, images, images)
+    x, y = torch.cat([images, images]), torch.tensor([3] * 10 + [1] * 10)
+    scores = evaluate_warp_simulator(stub, x, y, target_class=3)
     assert scores["reached_removal"] == 0.9 and scores["reached_injection"] == 0.9

@@ -34,10 +34,10 @@ and both directions through its condition (one-hot class + direction).
 Explanation map (explainer ``"warp_simulator"``): for each image and target class ``t``,
 if the model decides ``t`` the map is ``log J`` of the *removal* warp; otherwise it is
 ``-log J`` of the *injection* warp. Both read as the log volume ratio of the image *with*
-the pattern over the image *without* it (:mod:`.jacobian`: ``J`` of the pull-back warp is
-the source volume over the target volume), so the sign is anatomical: negative where the
-pattern shrinks tissue (atrophy), positive where it expands it (widened ventricles). Use
-``|map|`` as the strength of the evidence.
+the pattern over the image *without* it (:mod:`medexplain.core.jacobian`: ``J`` of the
+pull-back warp is the source volume over the target volume), so the sign is anatomical:
+negative where the pattern shrinks tissue (atrophy), positive where it expands it (widened
+ventricles). Use ``|map|`` as the strength of the evidence.
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ...core.jacobian import jacobian_determinant, log_jacobian
 from ...core.model import model_device, model_guard
 from ...core.scores import chunked
 from ...models.checkpoint import load_checkpoint, register_builder, save_checkpoint
 from ...models.fingerprint import check_classifier, classifier_record
 from ...models.train import IMAGE_KEYS, TrainHistory, split_batch, train_loop
 from ..base import Explainer, register
-from .jacobian import jacobian_determinant, log_jacobian
 from .spatial_transform import warp
 from .warp_network import (
     WarpSimulator,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...core.spatial import spatial_dims_of
+from .spatial import spatial_dims_of
 
 
 def displacement_gradient(displacement: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""Figures and NIfTI output for warping simulators (METHODS.md section 5, USERS.md study 2).
+"""Figures for warping simulators (METHODS.md section 5, USERS.md study 2).
 
 :func:`plot_warp` draws one row per image: the original, the simulated image, the
 displacement magnitude (voxels) and the Jacobian determinant with a diverging colormap
 centred at 1 (shrinkage blue < 1 < expansion red). 3D volumes show their middle slice along
-the first spatial axis (or ``slice_index``). :func:`save_nifti` writes a 3D map with an
-affine (identity by default) for ITK-SNAP / FSLeyes.
+the first spatial axis (or ``slice_index``). NIfTI output of 3D maps:
+:func:`medexplain.data.writers.save_nifti`.
+
+Figures are bare :class:`matplotlib.figure.Figure` objects (no pyplot, no backend chosen),
+so plotting works the same in a script and in a notebook.
 """
 
 from __future__ import annotations
@@ -15,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...core.spatial import spatial_dims_of
-from ...data.writers import save_nifti  # noqa: F401  (re-exported)
-from .jacobian import jacobian_determinant
-from .spatial_transform import check_displacement
+from ..core.jacobian import jacobian_determinant
+from ..core.spatial import spatial_dims_of
+from ..explain.generative.spatial_transform import check_displacement
 
 
 def _plane(volume: torch.Tensor, slice_index: int | None) -> np.ndarray:
@@ -50,12 +52,8 @@ def plot_warp(
     when None). The Jacobian uses ``TwoSlopeNorm`` centred at 1, symmetric in log scale
     around it. Saves a PNG when ``path`` is given; returns the matplotlib Figure.
     """
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
 
     spatial_dims_of(x, "x")
     check_displacement(x, displacement)
@@ -66,7 +64,8 @@ def plot_warp(
     if jacobian is None:
         jacobian = jacobian_determinant(displacement)
     n = min(int(x.shape[0]), int(max_images))
-    figure, axes = plt.subplots(n, 4, figsize=(12, 3 * n), squeeze=False)
+    figure = Figure(figsize=(12, 3 * n))
+    axes = figure.subplots(n, 4, squeeze=False)
     columns = ["original", "simulated", "|displacement| (voxels)", "Jacobian determinant"]
     for row in range(n):
         magnitude = displacement[row].detach().float().norm(dim=0)
@@ -113,11 +112,9 @@ def plot_simulation(
     (``direction`` -1 removes class ``cls``, +1 injects it) and draw it with
     :func:`plot_warp` into ``path``. Returns the simulated images and the Jacobian
     determinant ``(B, 1, *spatial)`` (for NIfTI output of volumes)."""
-    import matplotlib.pyplot as plt
-
     simulated, displacement = explainer.simulate(x, direction, cls)
     det = jacobian_determinant(displacement)
-    figure = plot_warp(
+    plot_warp(
         x.cpu(),
         simulated.cpu(),
         displacement.cpu(),
@@ -126,5 +123,4 @@ def plot_simulation(
         slice_index=slice_index,
         titles=titles,
     )
-    plt.close(figure)
     return simulated, det
