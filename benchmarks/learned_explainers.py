@@ -85,7 +85,7 @@ def faithfulness(model, x: torch.Tensor, maps: torch.Tensor) -> dict:
         from medexplain.metrics.deletion import deletion_insertion
     except ImportError:  # written in parallel; skip until it exists
         return {}
-    result = deletion_insertion(model, x, maps, None, baseline="blur", batch_size=128)
+    result = deletion_insertion(model, x, None, maps, baseline="blur", batch_size=128)
     return {
         "deletion_auc": float(result.deletion_auc.mean()),
         "insertion_auc": float(result.insertion_auc.mean()),

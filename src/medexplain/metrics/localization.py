@@ -15,19 +15,27 @@ tensor. Conventions where the literature leaves a choice:
   inside the mask over the positive mass in the image. NaN when the map has no positive
   value.
 - ``iou_top``: IoU between the mask and the map's top-k pixels, k = the mask's area (ties
-  broken by position as :func:`medexplain.perturb.rank_pixels` does); Charachon et al.'s
+  broken by position as :func:`medexplain.core.perturb.rank_pixels` does); Charachon et al.'s
   "IoU with E thresholded to the ground-truth area". NaN when the mask is empty.
+
+Higher is better for every score (:data:`DIRECTIONS`).
+
+Argument order: every metric of :mod:`medexplain.metrics` takes the arguments it uses
+from ``(model, x, y, maps, masks)``, in that order (Quantus' ``model, x_batch, y_batch,
+a_batch, s_batch``). These scores compare maps with ground-truth masks only: they run no
+model and read neither images nor labels, so they take ``(maps, masks)``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..perturb import rank_pixels
-from ..spatial import max_pool, spatial_dims_of
-from .auc import rank_auroc
+from ..core.perturb import rank_pixels
+from ..core.ranks import rank_auroc
+from ..core.spatial import max_pool, spatial_dims_of
 
 SCORES = ("auroc", "pointing_game", "energy_inside", "iou_top")
+DIRECTIONS = dict.fromkeys(SCORES, "higher")
 
 
 def _check(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
