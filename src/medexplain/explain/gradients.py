@@ -359,7 +359,7 @@ class GradCAM(Explainer):
 
     With feature maps ``A_k`` of ``layer`` and ``alpha_k = mean_spatial(d f_target / d A_k)``:
     ``map = ReLU(sum_k alpha_k A_k)``, upsampled to the input with
-    :func:`medexplain.spatial.resize` (bilinear/trilinear, ``align_corners=True``).
+    :func:`medexplain.core.spatial.resize` (bilinear/trilinear, ``align_corners=True``).
 
     Parameters
     ----------

@@ -489,7 +489,7 @@ class IGOS(_MaskOptimiser):
       ``scale_l2`` multiplies ``l2`` by mean(s) / 28 (see the module docstring);
     - Armijo: ``alpha0`` 1000, ``beta`` 0.2, ``armijo_c`` 1e-4, ``min_alpha`` 1e-5;
       ``armijo_slack`` 1e-6 (float32 slack, relative to max(1, |L|); module docstring);
-    - ``baseline``: "blur" (I-GOS default, medexplain.perturb.blur_baseline), "mean" (with
+    - ``baseline``: "blur" (I-GOS default, medexplain.core.perturb.blur_baseline), "mean" (with
       ``mean_image`` (C, *spatial)), "zero" or a tensor;
     - ``activation``: "auto" (softmax, sigmoid for one logit), "softmax", "sigmoid", "logit";
     - ``early_reject``: skip line-search passes that cannot change the Armijo decision;

@@ -3,7 +3,7 @@
 Used by the similar/adversarial generators (Charachon et al., METHODS.md section 4): the
 network maps an image ``x`` ``(B, C, *spatial)`` to ``heads`` images of the same shape
 (head 0 = similar ``x_s``, head 1 = adversarial ``x_a``). Convolutions, pooling and norms
-come from :mod:`medexplain.spatial`, so one code path serves 2D and 3D.
+come from :mod:`medexplain.core.spatial`, so one code path serves 2D and 3D.
 
 The paper does not fix the architecture; ours (documented choice):
 
