@@ -15,13 +15,9 @@ from torch import nn
 
 from medexplain.core.spatial import conv
 from medexplain.explain import create
-from medexplain.explain.gradients import (
-    GradCAM,
-    OcclusionExplainer,
-    SmoothGrad,
-    find_gradcam_layer,
-    smoothgrad_noise,
-)
+from medexplain.explain.gradcam import GradCAM, find_gradcam_layer
+from medexplain.explain.gradients import SmoothGrad, smoothgrad_noise
+from medexplain.explain.occlusion import OcclusionExplainer
 from test_contract import tiny_cnn
 
 SHAPES = {2: (2, 12, 12), 3: (2, 6, 6, 6)}

@@ -1,8 +1,8 @@
-"""The gradient family (and occlusion), backed by Captum.
+"""The gradient family, backed by Captum; Grad-CAM and occlusion follow the same rules.
 
-Every class here is a thin :class:`~medexplain.explain.base.Explainer` around a Captum
-attribution method; Captum does the attribution, this module adds what the medexplain
-contract asks for:
+Grad-CAM lives in :mod:`.gradcam`, occlusion in :mod:`.occlusion`. Every class is a thin
+:class:`~medexplain.explain.base.Explainer` around a Captum attribution method; Captum does
+the attribution, these modules add what the medexplain contract asks for:
 
 - **maps** ``(B, 1, *spatial)`` float32 at input resolution for 2D ``(H, W)`` and 3D
   ``(D, H, W)`` images alike;
@@ -31,30 +31,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from captum.attr import (
-    InputXGradient,
-    IntegratedGradients,
-    LayerGradCam,
-    Occlusion,
-    Saliency,
-)
+from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import nn
 
 from ..core.model import seeded_generator
 from ..core.perturb import check_baseline, make_baseline
 from ..core.scores import chunked
-from ..core.spatial import conv, resize, spatial_dims_of
 from .base import Explainer, register
 
 __all__ = [
-    "GradCAM",
     "InputXGradientExplainer",
     "IntegratedGradientsExplainer",
-    "OcclusionExplainer",
     "SaliencyExplainer",
     "SmoothGrad",
-    "default_occlusion_window",
-    "find_gradcam_layer",
     "smoothgrad_noise",
 ]
 
@@ -310,220 +299,5 @@ class SmoothGrad(Explainer):
                 grads = method.attribute(noisy, target=ts.repeat(count), abs=self.abs)
                 total += _sum_channels(grads).view(count, b, 1, *image_shape[1:]).sum(0)
             return total / self.n_samples
-
-        return _map_chunks(x, targets, self.batch_size, one_chunk)
-
-
-# ---------------------------------------------------------------- grad-cam
-
-
-def find_gradcam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """The convolution Grad-CAM uses by default for inputs shaped like ``x`` ``(B, C, *sp)``.
-
-    One forward pass on ``x[:1]`` records the ``Conv2d``/``Conv3d`` modules (matching the
-    input's dimension) in *execution* order; the last one whose output is larger than one
-    pixel/voxel is chosen (a 1-pixel feature map only gives a constant map), else the last
-    one executed. Hooks are removed before returning.
-    """
-    conv_type = conv(spatial_dims_of(x))
-    executed: list[tuple[nn.Module, int]] = []
-
-    def record(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        executed.append((module, int(torch.Size(output.shape[2:]).numel())))
-
-    candidates = [m for m in model.modules() if isinstance(m, conv_type)]
-    if not candidates:
-        raise ValueError(
-            f"gradcam found no {conv_type.__name__} in the model; "
-            "pass layer= (a module of the model or its dotted name)"
-        )
-    handles = [m.register_forward_hook(record) for m in candidates]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not executed:
-        raise ValueError(
-            f"gradcam found no {conv_type.__name__} run by the model's forward pass; "
-            "pass layer= (a module of the model or its dotted name)"
-        )
-    larger = [module for module, size in executed if size > 1]
-    return larger[-1] if larger else executed[-1][0]
-
-
-@register("gradcam", "Grad-CAM on the last convolution, ReLU, upsampled (Selvaraju 2017)")
-class GradCAM(Explainer):
-    """Grad-CAM (Selvaraju et al. 2017) via Captum ``LayerGradCam``.
-
-    With feature maps ``A_k`` of ``layer`` and ``alpha_k = mean_spatial(d f_target / d A_k)``:
-    ``map = ReLU(sum_k alpha_k A_k)``, upsampled to the input with
-    :func:`medexplain.core.spatial.resize` (bilinear/trilinear, ``align_corners=True``).
-
-    Parameters
-    ----------
-    layer:
-        A convolution module of the model, or its dotted name (``"features.conv5"``). None:
-        :func:`find_gradcam_layer` (the last convolution executed whose output is larger than
-        one pixel).
-    relu:
-        Apply the ReLU of the paper (default; the map is then unsigned). ``relu=False`` keeps
-        the signed map.
-
-    Shapes: x ``(B, C, *spatial)`` -> maps ``(B, 1, *spatial)``.
-    """
-
-    signed = False
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        layer: nn.Module | str | None = None,
-        relu: bool = True,  # Selvaraju et al. 2017
-        batch_size: int = 32,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(model, batch_size=batch_size, seed=seed)
-        self.layer = self._resolve_layer(layer)
-        self._found_layers: dict[tuple[int, ...], nn.Module] = {}  # input shape -> layer
-        self.relu = bool(relu)
-        self.signed = not self.relu
-
-    def _resolve_layer(self, layer: nn.Module | str | None) -> nn.Module | None:
-        if layer is None:
-            return None
-        if isinstance(layer, str):
-            try:
-                return self.model.get_submodule(layer)
-            except AttributeError as error:
-                raise ValueError(f"layer {layer!r} is not a submodule of the model") from error
-        if isinstance(layer, nn.Module):
-            if not any(m is layer for m in self.model.modules()):
-                raise ValueError("layer must be a module of the model being explained")
-            return layer
-        raise TypeError(f"layer must be an nn.Module, a dotted name or None, got {layer!r}")
-
-    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        if layer is None:
-            key = tuple(x.shape[1:])
-            if key not in self._found_layers:
-                self._found_layers[key] = find_gradcam_layer(self.model, x)
-            layer = self._found_layers[key]
-        method = LayerGradCam(self.model, layer)
-
-        def one_chunk(xs: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-            cam = method.attribute(xs, target=ts, relu_attributions=self.relu)
-            if cam.dim() != xs.dim():
-                raise ValueError(
-                    f"gradcam layer output has shape {tuple(cam.shape)}; it must be a feature "
-                    f"map with the input's {xs.dim() - 2} spatial dims"
-                )
-            return resize(cam, xs.shape[2:])
-
-        return _map_chunks(x, targets, self.batch_size, one_chunk, requires_grad=True)
-
-
-# ---------------------------------------------------------------- occlusion
-
-
-def default_occlusion_window(
-    spatial: Sequence[int], fraction: float = 1 / 8
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(window, stride) per spatial dim: window = ``max(1, round(fraction * size))``, stride =
-    ``max(1, window // 2)`` (half-overlapping windows)."""
-    window = tuple(max(1, round(fraction * int(s))) for s in spatial)
-    stride = tuple(max(1, w // 2) for w in window)
-    return window, stride
-
-
-def _per_dim(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:
-    values = (value,) * dims if isinstance(value, int) else tuple(value)
-    if len(values) != dims or any(isinstance(v, bool) or int(v) < 1 for v in values):
-        raise ValueError(f"{name} must be a positive int or {dims} positive ints, got {value!r}")
-    return tuple(int(v) for v in values)
-
-
-@register("occlusion", "Output drop when sliding windows are occluded (Zeiler & Fergus 2014)")
-class OcclusionExplainer(Explainer):
-    """Occlusion (Zeiler & Fergus 2014) via Captum ``Occlusion``.
-
-    Each window (all channels at once) is replaced by the baseline; the drop of the target
-    logit ``f(x) - f(x_occluded)`` is credited to every pixel of the window, averaged over the
-    windows that cover a pixel. Captum credits each channel the same amount, so the map is that
-    value once (channel mean), not ``C`` times.
-
-    Parameters
-    ----------
-    window, stride:
-        Sliding window and stride in pixels (an int or one per spatial dim). The paper gives
-        no rule for other image sizes (unspecified); default window = ``window_fraction`` of
-        each spatial size (1/8), stride half the window.
-    window_fraction:
-        Used when ``window`` is None.
-    baseline:
-        ``"zero"`` (default), ``"blur"``, ``"mean"`` (needs ``mean_image``), a number or a tensor.
-    batch_size:
-        Images per chunk; Captum's ``perturbations_per_eval`` is ``batch_size // chunk`` so a
-        forward pass carries at most ``batch_size`` occluded images.
-
-    Signed. Shapes: x ``(B, C, *spatial)`` -> maps ``(B, 1, *spatial)``.
-    """
-
-    signed = True
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        window: int | Sequence[int] | None = None,
-        stride: int | Sequence[int] | None = None,
-        window_fraction: float = 1 / 8,  # unspecified in Zeiler & Fergus 2014: our choice
-        baseline: str | float | torch.Tensor = "zero",
-        mean_image: torch.Tensor | None = None,
-        batch_size: int = 32,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(model, batch_size=batch_size, seed=seed)
-        if not 0 < window_fraction <= 1:
-            raise ValueError(f"window_fraction must be in (0, 1], got {window_fraction!r}")
-        check_baseline(baseline, mean_image)
-        self.window = window
-        self.stride = stride
-        self.window_fraction = float(window_fraction)
-        self.baseline = baseline
-        self.mean_image = mean_image
-
-    def windows(self, spatial: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(window, stride) in pixels for images of size ``spatial``."""
-        dims = len(spatial)
-        default_window, _ = default_occlusion_window(spatial, self.window_fraction)
-        window = default_window if self.window is None else _per_dim(self.window, dims, "window")
-        window = tuple(min(w, int(s)) for w, s in zip(window, spatial))
-        if self.stride is None:
-            stride = tuple(max(1, w // 2) for w in window)
-        else:
-            stride = _per_dim(self.stride, dims, "stride")
-        if any(s > w for s, w in zip(stride, window)):
-            raise ValueError(f"stride {stride} must not exceed the window {window}")
-        return window, stride
-
-    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        method = Occlusion(self.model)
-        window, stride = self.windows(x.shape[2:])
-        channels = x.shape[1]
-
-        def one_chunk(xs: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-            attributions = method.attribute(
-                xs,
-                sliding_window_shapes=(channels, *window),
-                strides=(channels, *stride),
-                baselines=make_baseline(xs, self.baseline, self.mean_image),
-                target=ts,
-                perturbations_per_eval=max(1, self.batch_size // xs.shape[0]),
-            )
-            return attributions.mean(dim=1, keepdim=True)
 
         return _map_chunks(x, targets, self.batch_size, one_chunk)
