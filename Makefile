@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: demo test lint format venv clean
+.PHONY: demo test test-min lint format venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,26 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
+# The fast tests against the oldest supported dependencies: a separate environment with
+# torch pinned as above (never a looser torch spec) and every other runtime dependency at
+# exactly the floor pyproject.toml declares (tools/floors.py), so a floor that lies fails here.
+MIN_VENV := .venv-min
+MIN_BIN := $(MIN_VENV)/bin
+MIN_STAMP := $(MIN_VENV)/.installed
+PYTEST_MIN_ARGS ?=
+
+$(MIN_STAMP): pyproject.toml tools/floors.py
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_BIN)/pip install --quiet --upgrade pip
+	$(MIN_BIN)/pip install --quiet torch==2.13.0
+	$(MIN_BIN)/pip install --quiet --only-binary :all: torch==2.13.0 \
+		$$($(PYTHON) tools/floors.py pyproject.toml) "pytest>=8" "pytest-xdist>=3.5"
+	$(MIN_BIN)/pip install --quiet --no-deps -e .
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not slow" $(PYTEST_MIN_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -35,4 +55,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) runs tests/.cache
+	rm -rf $(VENV) $(MIN_VENV) runs tests/.cache
