@@ -187,7 +187,7 @@ def test_global_from_store_equals_one_pass_over_all_maps(nifti_data, clean_run):
     np.testing.assert_allclose(store.mean_image(), images.double().mean(0).numpy(), atol=1e-10)
 
 
-def test_chunk_write_is_atomic_and_merges(tmp_path):
+def test_chunk_write_is_atomic_and_round_trips(tmp_path):
     store = RunStore(tmp_path / "run")
 
     def chunk(indices, errors=()):
@@ -202,25 +202,28 @@ def test_chunk_write_is_atomic_and_merges(tmp_path):
             logits=np.zeros((n, 2), np.float32),
             affine=np.full((n, 4, 4), np.nan),
             path=np.asarray([f"f{i}" for i in indices]),
+            key=np.asarray([f"k{i}" for i in indices]),
             image_sum=np.ones((1, 2, 2)) * n,
             image_count=n,
             errors=list(errors),
         )
 
-    first = chunk([0, 2], errors=[(1, "f1", "corrupt")])
+    first = chunk([0, 2], errors=[(1, "f1", "corrupt", "k1")])
     store.write_chunk(first)
     # a writer killed mid-write leaves only a temporary file, never a half chunk
     (store.chunk_dir / ".000001.npz.123.abcd.tmp").write_bytes(b"partial")
     assert store.chunk_numbers() == [0]
     assert store.remove_partial() == 1
     back = store.read_chunk(0)
-    assert back.finished == {0, 1, 2}
+    assert back.finished == {"k0", "k1", "k2"}
     np.testing.assert_array_equal(back.maps, first.maps)
-    from medexplain.runs import _merge_chunks
-
-    merged = _merge_chunks(back, chunk([3]))
-    assert merged.index.tolist() == [0, 2, 3] and merged.image_count == 3
-    np.testing.assert_array_equal(merged.maps[2], chunk([3]).maps[0])
+    assert store.errors() == [(1, "f1", "corrupt")]
+    # a selection restricts every view and renumbers by the current manifest rows
+    store.write_selection(["k2", "k1"], [0, 1])
+    view = next(iter(store.iter_chunks()))
+    assert view.key.tolist() == ["k2"] and view.index.tolist() == [0]
+    np.testing.assert_array_equal(view.maps[0], first.maps[1])
+    assert view.image_sum is None  # a partial chunk's sum cannot be split
     assert store.errors() == [(1, "f1", "corrupt")]
 
 

@@ -21,6 +21,26 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from medexplain import __version__
+
+        typer.echo(f"medexplain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Explain image classifiers, medical images first."""
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
@@ -195,7 +215,19 @@ def explain(
     global_maps: Annotated[
         bool, typer.Option("--global", help="Then compute global maps (label-wise, max, abs).")
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Delete an existing run in OUT first.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace a run in OUT made with other settings (deletes only the files "
+            "medexplain wrote there; a folder that is not a run is never touched)."
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Use --explainer-checkpoint even if it was fitted for another classifier."
+        ),
+    ] = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Explain every image of a dataset into a resumable run folder.
@@ -225,13 +257,20 @@ def explain(
         batch_size=batch_size,
         chunk_size=chunk_size,
         limit=limit,
+        force=force,
     )
     summary = explain_run(
         settings, out, overwrite=overwrite, progress=progress, log=lambda m: console.print(m)
     )
+    if summary["n_done"] == 0:
+        raise _fail(
+            f"none of the {summary['n_images']} image(s) could be explained; the reasons are "
+            f"in {out / 'errors.csv'}"
+        )
+    colour = "yellow" if summary["n_errors"] else "green"
     console.print(
-        f"[green]done[/green]: {summary['n_done']} of {summary['n_images']} image(s) explained "
-        f"({summary['n_computed']} now, {summary['n_errors']} error(s)) in {out}"
+        f"[{colour}]done[/{colour}]: {summary['n_done']} of {summary['n_images']} image(s) "
+        f"explained ({summary['n_computed']} now, {summary['n_errors']} error(s)) in {out}"
     )
     if global_maps:
         _warn_alignment(settings)
@@ -337,7 +376,10 @@ def evaluate(
         batch_size=batch_size,
         progress=progress,
     )
-    if "peppr" in evaluation:
+    skipped = evaluation.get("localization", {}).get("skipped") if localization else None
+    if skipped:
+        raise _fail(f"--localization computed nothing: {skipped}")
+    if peppr or everything:
         p = evaluation["peppr"]
         console.print(
             f"PEPPR erase area {p['erase_area']:.3f} (random {p['random_erase_area']:.3f}), "
@@ -579,6 +621,7 @@ def sag(
     from .data.files import ImageDataset
     from .explain.sag import run_sag
     from .models.external import load_model
+    from .report.sag_plot import plot_sag
 
     loaded = load_model(
         None if model is None else str(model),
@@ -593,6 +636,7 @@ def sag(
     if item is None:
         raise _fail(error or f"cannot read {image}")
     result = run_sag(loaded, item["image"], out, target=target, grid=grid, **parse_params(param))
+    plot_sag(result, out / "sag.png")
     console.print(
         f"[green]done[/green]: {len(result.roots)} root(s), {len(result.diverse)} diverse, "
         f"{result.forward_passes} forward passes -> {out / 'sag.json'}, {out / 'sag.png'}"

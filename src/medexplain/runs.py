@@ -27,13 +27,15 @@ import numpy as np
 import torch
 
 from . import __version__
+from .core.model import model_guard
+from .core.progress import progress_bar
 from .data.files import ImageDataset, open_dataset
+from .data.manifest import duplicate_rows
 from .data.readers import DataError
 from .explain import create
-from .explain.base import model_guard
 from .globalmaps import GlobalMaps, GlobalResult
 from .models.external import LoadedModel, ModelError, _sha256, load_model
-from .progress import progress_bar
+from .models.fingerprint import ClassifierMismatchError
 from .runstore import Chunk, RunError, RunStore, atomic_write_text
 
 __all__ = [
@@ -60,9 +62,11 @@ class ExplainSettings:
     ``target``: ``"predicted"`` (argmax of the logits; the only output of a one-logit
     model), ``"label"`` (the true class; multi-class data only) or a class index.
     ``shape``/``channels`` default to the model config's input shape when it states one.
-    ``chunk_size`` None picks ``min(64, 32 MB of maps)``. ``batch_size`` and ``device``
-    do not change the maps (explainers are batch-invariant), so a run may resume with
-    other values; every other field must match to resume.
+    ``chunk_size`` None picks ``min(64, 32 MB of maps)``. ``batch_size``, ``device``,
+    ``limit`` and ``force`` do not change the maps (explainers are batch-invariant), so a
+    run may resume with other values; every other field must match to resume. File paths
+    are stored absolute. ``force`` accepts a learned explainer's checkpoint fitted for
+    another classifier.
     """
 
     data: str
@@ -80,6 +84,36 @@ class ExplainSettings:
     batch_size: int = 16
     chunk_size: int | None = None
     limit: int | None = None
+    force: bool = False
+
+    def absolute(self) -> ExplainSettings:
+        """The same settings with every file path absolute (so a run can be evaluated
+        from any working directory)."""
+        for name in ("data", "model", "model_config", "explainer_checkpoint"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, str(Path(value).expanduser().resolve()))
+        return self
+
+    def check(self) -> None:
+        """Refuse options out of range (RunError naming the option)."""
+        if self.target not in TARGETS:
+            try:
+                int(self.target)
+            except ValueError:
+                raise RunError(
+                    f"--target must be 'predicted', 'label' or a class index, got {self.target!r}"
+                ) from None
+        for name in ("batch_size", "chunk_size", "limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) < 1):
+                option = "--" + name.replace("_", "-")
+                raise RunError(f"{option} must be a whole number >= 1, got {value}")
+
+    def inputs(self) -> list[str]:
+        """The files and folders a run reads (it may not write into any of them)."""
+        values = (self.data, self.model, self.model_config, self.explainer_checkpoint)
+        return [v for v in values if v is not None]
 
 
 # --------------------------------------------------------------------------- opening
@@ -96,16 +130,22 @@ def open_model(settings: ExplainSettings) -> LoadedModel:
 
 
 def open_data(settings: ExplainSettings, model: LoadedModel | None = None) -> ImageDataset:
-    """The run's dataset; shape and channels default to the model's stated input shape."""
+    """The run's dataset; shape and channels default to the model's stated input shape,
+    and the model's stated labels (two or more) fix the class order: the data's names are
+    mapped onto them, and a name the model does not know is a DataError naming it."""
     shape, channels = settings.shape, settings.channels
+    options: dict[str, Any] = {}
     if model is not None and model.input_shape is not None:
         shape = shape if shape is not None else tuple(model.input_shape[1:])
         channels = channels if channels is not None else model.input_shape[0]
+    if model is not None and model.labels is not None and len(model.labels) > 1:
+        options["class_names"] = list(model.labels)
     return open_dataset(
         settings.data,
         shape=None if shape is None else tuple(shape),
         channels=channels,
         normalise=settings.normalise,
+        **options,
     )
 
 
@@ -114,16 +154,21 @@ def _explainer(settings: ExplainSettings, model: torch.nn.Module):
     params.setdefault("batch_size", settings.batch_size)
     if settings.explainer_checkpoint is not None:
         params["checkpoint"] = settings.explainer_checkpoint
+        if settings.force:
+            params["force"] = True
     try:
         return create(settings.method, model, **params)
     except KeyError as error:
         raise RunError(str(error).strip("'\"")) from error
+    except ClassifierMismatchError as error:
+        raise RunError(f"--explainer-checkpoint: {error}") from error
     except TypeError as error:
         raise RunError(f"--method {settings.method}: bad --param ({error})") from error
 
 
 def _class_names(dataset: ImageDataset, model: LoadedModel, outputs: int) -> list[str]:
-    """Names of the groups: the dataset's classes (checked against the model's outputs)."""
+    """Names of the groups: the model's labels when it states them (the dataset was read
+    in their order), else the dataset's classes (checked against the model's outputs)."""
     if dataset.labelled:
         names = dataset.class_names
         if dataset.multilabel or outputs > 1:
@@ -154,10 +199,11 @@ def _predictions(logits: torch.Tensor, multilabel: bool) -> np.ndarray:
 
 def _identity(settings: ExplainSettings, model: LoadedModel, dataset: ImageDataset, chunk: int):
     description = {k: v for k, v in model.describe().items() if k != "path"}
+    data = {k: v for k, v in dataset.describe().items() if k != "n_images"}
     checkpoint = settings.explainer_checkpoint
     return {
         "model": description,
-        "data": dataset.describe(),
+        "data": data,
         "method": settings.method,
         "params": settings.params,
         "explainer_checkpoint_sha256": None if checkpoint is None else _sha256(Path(checkpoint)),
@@ -181,8 +227,9 @@ def _explain_items(
     target_mode: str,
     multilabel: bool,
     batch_size: int,
-) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]]]:
-    """Explain loaded items in batches; returns per-image records and errors."""
+) -> tuple[list[dict[str, Any]], list[tuple[int, str, str, str]]]:
+    """Explain loaded items (each with its ``key``) in batches; returns per-image records
+    and ``(index, path, reason, key)`` errors."""
     device = explainer.device
     done, errors = [], []
     for start in range(0, len(items), batch_size):
@@ -194,15 +241,16 @@ def _explain_items(
         preds = _predictions(logits, multilabel)
         targets, keep = [], []
         for j, item in enumerate(part):
+            where = (item["index"], item["path"])
             if not bool(finite[j]):
-                errors.append((item["index"], item["path"], "the model returned non-finite logits"))
+                errors.append((*where, "the model returned non-finite logits", item["key"]))
                 continue
             if target_mode == "predicted":
                 target = int(logits[j].argmax()) if logits.shape[1] > 1 else 0
             elif target_mode == "label":
                 target = int(item["label"])
                 if target < 0:
-                    errors.append((item["index"], item["path"], "no label for --target label"))
+                    errors.append((*where, "no label for --target label", item["key"]))
                     continue
             else:
                 target = int(target_mode)
@@ -214,20 +262,21 @@ def _explain_items(
         for row, j in enumerate(keep):
             item = part[j]
             if not bool(torch.isfinite(maps[row]).all()):
-                errors.append((item["index"], item["path"], "the explainer returned NaN or inf"))
+                reason = "the explainer returned NaN or inf"
+                errors.append((item["index"], item["path"], reason, item["key"]))
                 continue
+            affine = item["affine"]
             done.append(
                 {
                     "index": item["index"],
+                    "key": item["key"],
                     "path": item["path"],
                     "map": maps[row].numpy(),
                     "label": item["label"].numpy(),
                     "pred": preds[j],
                     "target": targets[row],
                     "logits": logits[j].numpy(),
-                    "affine": item["affine"]
-                    if item["affine"] is not None
-                    else np.full((4, 4), np.nan),
+                    "affine": affine if affine is not None else np.full((4, 4), np.nan),
                     "image": item["image"],
                 }
             )
@@ -235,60 +284,70 @@ def _explain_items(
 
 
 def _build_chunk(
-    number: int, done: list[dict[str, Any]], errors: list, old: Chunk | None, spatial, k: int
+    number: int, records: list[dict[str, Any]], errors: list, spatial, k: int
 ) -> Chunk:
-    records = sorted(done, key=lambda r: r["index"])
+    def stack(name: str, empty: np.ndarray) -> np.ndarray:
+        return np.stack([r[name] for r in records]) if records else empty
+
     image_sum = None
     if records:
         image_sum = torch.stack([r["image"] for r in records]).sum(0, dtype=torch.float64).numpy()
-    chunk = Chunk(
+    return Chunk(
         number=number,
         index=np.asarray([r["index"] for r in records], dtype=np.int64),
-        maps=np.stack([r["map"] for r in records]).astype(np.float32)
-        if records
-        else np.zeros((0, 1, *spatial), np.float32),
-        label=np.stack([r["label"] for r in records]) if records else np.zeros((0,), np.int64),
-        pred=np.stack([r["pred"] for r in records]) if records else np.zeros((0,), np.int64),
+        key=np.asarray([r["key"] for r in records], dtype=np.str_),
+        maps=stack("map", np.zeros((0, 1, *spatial), np.float32)).astype(np.float32),
+        label=stack("label", np.zeros((0,), np.int64)),
+        pred=stack("pred", np.zeros((0,), np.int64)),
         target=np.asarray([r["target"] for r in records], dtype=np.int64),
-        logits=np.stack([r["logits"] for r in records]) if records else np.zeros((0, k)),
-        affine=np.stack([r["affine"] for r in records]) if records else np.zeros((0, 4, 4)),
+        logits=stack("logits", np.zeros((0, k))),
+        affine=stack("affine", np.zeros((0, 4, 4))),
         path=np.asarray([r["path"] for r in records], dtype=np.str_),
         image_sum=image_sum,
         image_count=len(records),
         errors=sorted(errors),
     )
-    if old is None or len(old.finished) == 0:
-        return chunk
-    return _merge_chunks(old, chunk)
 
 
-def _merge_chunks(a: Chunk, b: Chunk) -> Chunk:
-    if len(a) == 0:
-        b.errors = sorted(a.errors + b.errors)
-        return b
-    if len(b) == 0:
-        a.errors = sorted(a.errors + b.errors)
-        return a
-    order = np.argsort(np.concatenate([a.index, b.index]), kind="stable")
+def _selection(dataset: ImageDataset, n: int, log) -> tuple[list[str], list[int]]:
+    """Keys and manifest rows of the first ``n`` rows, each image once (exact repeats are
+    reported and skipped; the same image with two labels is a DataError)."""
+    repeats, conflicts = duplicate_rows(dataset.manifest)
+    source = dataset.manifest.source or "the data"
+    if conflicts:
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise DataError(f"{source}: {conflicts[0]}{more}")
+    skipped = {i for i, _ in repeats if i < n}
+    if skipped:
+        examples = ", ".join(f"row {i} repeats row {j}" for i, j in repeats if i < n)
+        log(
+            f"warning: {len(skipped)} duplicate row(s) in {source} ({examples[:200]}); "
+            "each image is explained and counted once"
+        )
+    keys = dataset.item_keys()
+    rows = [i for i in range(n) if i not in skipped]
+    return [keys[i] for i in rows], rows
 
-    def cat(name):
-        return np.concatenate([getattr(a, name), getattr(b, name)])[order]
 
-    sums = [s for s in (a.image_sum, b.image_sum) if s is not None]
-    return Chunk(
-        number=a.number,
-        index=cat("index"),
-        maps=cat("maps"),
-        label=cat("label"),
-        pred=cat("pred"),
-        target=cat("target"),
-        logits=cat("logits"),
-        affine=cat("affine"),
-        path=cat("path"),
-        image_sum=sum(sums[1:], sums[0].copy()) if sums else None,
-        image_count=a.image_count + b.image_count,
-        errors=sorted(a.errors + b.errors),
-    )
+def _selection_mean(store: RunStore, dataset: ImageDataset) -> np.ndarray | None:
+    """Mean image of the selected explained images: the chunks' sums where a chunk is
+    wholly selected, the images re-read where it is not."""
+    total, count = None, 0
+    for chunk in store.iter_chunks(maps=False):
+        if len(chunk) == 0:
+            continue
+        if chunk.image_sum is not None and chunk.image_count:
+            parts = [(chunk.image_sum, chunk.image_count)]
+        else:
+            parts = []
+            for index in chunk.index.tolist():
+                item, _ = dataset.try_get(int(index))
+                if item is not None:
+                    parts.append((item["image"].double().numpy(), 1))
+        for value, n in parts:
+            total = value.copy() if total is None else total + value
+            count += n
+    return None if total is None else total / count
 
 
 def explain_run(
@@ -301,22 +360,19 @@ def explain_run(
 ) -> dict[str, Any]:
     """Explain ``settings.data`` into the run folder ``out``, resuming what is there.
 
+    Images are matched to stored maps by key (path, file stamp, label), so a reordered,
+    extended or shortened manifest resumes; damaged chunks are set aside and recomputed.
     Returns a summary ``{"n_images", "n_done", "n_errors", "n_computed", "seconds"}``.
-    Raises RunError (different settings, busy run), DataError, ModelError.
+    Raises RunError (different settings, busy run, an input inside ``out``), DataError,
+    ModelError.
     """
-    settings.data = str(Path(settings.data).resolve())
-    if settings.target not in TARGETS:
-        try:
-            int(settings.target)
-        except ValueError:
-            raise RunError(
-                f"--target must be 'predicted', 'label' or a class index, got {settings.target!r}"
-            ) from None
-    if settings.batch_size < 1:
-        raise RunError(f"--batch-size must be >= 1, got {settings.batch_size}")
+    settings.absolute().check()
     start = time.perf_counter()
+    store = RunStore(out)
+    store.check_inputs(settings.inputs())
     model = open_model(settings)
     dataset = open_data(settings, model)
+    store.check_files(dataset.paths + [str(r.mask) for r in dataset.records if r.mask])
     first = _first_item(dataset)
     if model.labels is None or model.input_shape is None:
         model.validate(first["image"][None])
@@ -331,10 +387,9 @@ def explain_run(
     chunk_size = settings.chunk_size or max(
         1, min(MAX_CHUNK, CHUNK_BYTES // (4 * math.prod(spatial)))
     )
-    if chunk_size < 1:
-        raise RunError(f"--chunk-size must be >= 1, got {chunk_size}")
     explainer = _explainer(settings, model)
-    store = RunStore(out)
+    n = len(dataset) if settings.limit is None else min(int(settings.limit), len(dataset))
+    keys, rows = _selection(dataset, n, log)
     record = {
         "medexplain_version": __version__,
         "settings": asdict(settings),
@@ -348,54 +403,53 @@ def explain_run(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     identity = _identity(settings, model, dataset, chunk_size)
-    n = len(dataset) if settings.limit is None else min(int(settings.limit), len(dataset))
+    store.initialise_check()
     computed = 0
     with store.lock():
-        store.initialise(record, identity, overwrite=overwrite)
+        store.initialise(record, identity, overwrite=overwrite, inputs=settings.inputs())
+        store.update_record(settings=asdict(settings), data=dataset.describe())
         store.remove_partial()
-        all_errors = store.errors()
-        existing = set(store.chunk_numbers())
-        n_chunks = math.ceil(n / chunk_size)
+        store.set_aside_damaged(log)
+        store.write_selection(keys, rows)
+        done_keys = store.stored_keys()
+        missing = [(key, row) for key, row in zip(keys, rows) if key not in done_keys]
+        number = store.next_chunk_number()
         with progress_bar(progress) as bar:
-            task = bar.add_task(f"{settings.method:>16}", total=n)
-            for number in range(n_chunks):
-                wanted = range(number * chunk_size, min((number + 1) * chunk_size, n))
-                old = store.read_chunk(number, maps=False) if number in existing else None
-                finished = old.finished if old is not None else set()
-                missing = [i for i in wanted if i not in finished]
-                bar.advance(task, len(wanted) - len(missing))
-                if not missing:
-                    continue
+            task = bar.add_task(f"{settings.method:>16}", total=len(keys))
+            bar.advance(task, len(keys) - len(missing))
+            for begin in range(0, len(missing), chunk_size):
+                part = missing[begin : begin + chunk_size]
                 items, errors = [], []
-                for i in missing:
-                    item, error = dataset.try_get(i)
+                for key, row in part:
+                    item, error = dataset.try_get(row)
                     if item is None:
-                        errors.append((i, str(dataset.records[i].path), error))
+                        errors.append((row, str(dataset.records[row].path), error, key))
                     else:
-                        items.append(item)
+                        items.append({**item, "key": key})
                 done, bad = _explain_items(
                     model, explainer, items, settings.target, multilabel, settings.batch_size
                 )
                 errors += bad
-                if old is not None:
-                    old = store.read_chunk(number, maps=True)
-                chunk = _build_chunk(number, done, errors, old, spatial, outputs)
-                store.write_chunk(chunk)
+                store.write_chunk(_build_chunk(number, done, errors, spatial, outputs))
+                number += 1
                 computed += len(done)
-                if errors:
-                    all_errors += errors
-                    store.write_errors_csv(all_errors)
-                    for i, path, reason in errors:
-                        log(f"skipped image {i} ({path}): {reason}")
-                bar.advance(task, len(missing))
+                for row, path, reason, _ in errors:
+                    log(f"skipped image {row} ({path}): {reason}")
+                bar.advance(task, len(part))
+        all_errors = store.errors()
         store.write_errors_csv(all_errors)
         store.write_items_csv()
+        if store.mean_image() is None and store.partial_chunks():
+            mean = _selection_mean(store, dataset)
+            if mean is not None:
+                store.write_mean_image(mean)
         n_done = store.count()
         summary = {
-            "n_images": n,
+            "n_images": len(keys),
             "n_done": n_done,
             "n_errors": len(all_errors),
             "n_computed": computed,
+            "n_duplicates": n - len(keys),
             "seconds": time.perf_counter() - start,
         }
         store.update_record(last_explain=summary)
@@ -623,11 +677,23 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Proof for a run: PEPPR with its global map(s), deletion/insertion, localization
     against the manifest's masks, cascading-randomisation sanity; writes
-    ``RUN/evaluation.json`` and ``RUN/figures/peppr.png``. Returns the evaluation dict."""
+    ``RUN/evaluation.json`` and ``RUN/figures/peppr.png``.
+
+    Evaluations accumulate: each call adds or replaces only the sections it computed, the
+    others already in ``evaluation.json`` stay. Returns the whole evaluation dict."""
+    _check_counts(
+        limit=limit,
+        n_deletion=n_deletion,
+        n_sanity=n_sanity,
+        steps=peppr_steps,
+        seeds=peppr_seeds,
+        batch_size=batch_size,
+    )
     from .metrics.deletion import deletion_insertion
     from .metrics.localization import localization_scores
-    from .metrics.peppr import peppr_many, plot_peppr
+    from .metrics.peppr import peppr_many
     from .metrics.sanity import cascading_randomization
+    from .report.peppr_plot import plot_peppr
 
     store, record = open_run(run)
     settings = _settings_of(record, device)
@@ -637,7 +703,8 @@ def evaluate_run(
     if expected != model.source.get("sha256"):
         raise RunError(f"the model file {settings.model} changed since the run was explained")
     multilabel = record["multilabel"]
-    evaluation: dict[str, Any] = {"run": str(store.root), "n_explained": store.count()}
+    evaluation = _read_evaluation(store)
+    evaluation.update(run=str(store.root), n_explained=store.count())
     figures = store.root / "figures"
     if peppr:
         directory = store.root / "global"
@@ -678,7 +745,7 @@ def evaluate_run(
         plot_peppr(peppr_result, figures / "peppr.png", title=f"PEPPR — {settings.method}")
     if deletion:
         x, maps, targets, _ = _first_done(store, dataset, n_deletion)
-        outcome = deletion_insertion(model, x, maps, targets, baseline="blur")
+        outcome = deletion_insertion(model, x, targets, maps, baseline="blur")
         evaluation["deletion"] = {
             "n_images": int(x.shape[0]),
             "deletion_auc": float(outcome.deletion_auc.mean()),
@@ -690,7 +757,7 @@ def evaluate_run(
         x, _, targets, _ = _first_done(store, dataset, n_sanity)
         try:
             check = cascading_randomization(
-                model, lambda m: _explainer(settings, m), x, targets, seed=0
+                model, x, targets, make_explainer=lambda m: _explainer(settings, m), seed=0
             )
             evaluation["sanity"] = {
                 "n_images": int(x.shape[0]),
@@ -702,6 +769,26 @@ def evaluate_run(
             evaluation["sanity"] = {"skipped": f"{type(error).__name__}: {error}"}
     atomic_write_text(store.root / "evaluation.json", json.dumps(_json_safe(evaluation), indent=2))
     return evaluation
+
+
+def _check_counts(**values: int | None) -> None:
+    """Refuse counts below 1 (RunError naming the option)."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or int(value) < 1):
+            option = "--" + name.replace("_", "-")
+            raise RunError(f"{option} must be a whole number >= 1, got {value}")
+
+
+def _read_evaluation(store: RunStore) -> dict[str, Any]:
+    """The sections already in ``RUN/evaluation.json`` (empty when there is none)."""
+    path = store.root / "evaluation.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RunError(f"cannot read {path}: {error}") from error
+    return data if isinstance(data, dict) else {}
 
 
 def _localization(store: RunStore, dataset: ImageDataset, scores_fn) -> dict[str, Any]:
@@ -787,17 +874,17 @@ def report_run(run: str | Path) -> Path:
         evaluation = json.loads(evaluation_path.read_text())
         results["evaluation"] = evaluation
         columns = [
-            ("peppr.erase_area", "PEPPR erase ↓"),
+            ("peppr.erase_area", "PEPPR erase"),
             ("peppr.random_erase_area", "random erase"),
-            ("peppr.restore_area", "PEPPR restore ↑"),
+            ("peppr.restore_area", "PEPPR restore"),
             ("peppr.random_restore_area", "random restore"),
-            ("deletion.deletion_auc", "deletion AUC ↓"),
-            ("deletion.insertion_auc", "insertion AUC ↑"),
+            ("deletion.deletion_auc", "deletion AUC"),
+            ("deletion.insertion_auc", "insertion AUC"),
             ("localization.auroc", "loc. AUROC"),
-            ("sanity.rank_correlation_fully_randomized", "sanity ρ ↓"),
+            ("sanity.rank_correlation_fully_randomized", "sanity ρ"),
         ]
         body = metrics_table({settings["method"]: evaluation}, columns)
-        if (figures / "peppr.png").is_file():
+        if "peppr" in evaluation and (figures / "peppr.png").is_file():
             body += embed_png(figures / "peppr.png")
         sections.append(("Evaluation", body))
     if errors:

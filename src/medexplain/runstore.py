@@ -3,22 +3,37 @@
 Layout of a run folder ``RUN``::
 
     RUN/run.json             settings of the command, model and dataset description
-    RUN/chunks/000012.npz    one file per chunk of ``chunk_size`` consecutive dataset indices
+    RUN/chunks/000012.npz    one file per chunk of explained images
+    RUN/selection.npz        keys (and manifest rows) of the images the run covers now
+    RUN/mean_image.npz       mean image of the selection (when chunks alone cannot give it)
     RUN/errors.csv           index, path, reason of every image that could not be explained
     RUN/items.csv            index, path, label, prediction, target, logits of done images
     RUN/.lock                held (flock) while a process writes the run
 
-Chunk ``k`` covers dataset indices ``[k * chunk_size, (k + 1) * chunk_size)``. Its ``.npz``
-holds, for the images of that range that were explained: ``index (n,)``, ``maps
-(n, 1, *S) float32``, ``label (n,)`` or ``(n, K)``, ``pred`` (same), ``target (n,)``,
-``logits (n, K)``, ``affine (n, 4, 4)`` (NaN when the file has none), the images' running
-``image_sum (C, *S) float64`` and ``image_count`` (for the dataset mean image without
-re-reading the data), and the images that failed: ``err_index``, ``err_path``,
-``err_reason``. A chunk is written to a temporary name, flushed, fsynced and moved into
-place with :func:`os.replace`, so at any instant a chunk is either absent or complete: a
-run killed at any point and started again recomputes only the chunks that are missing and
-never counts an image twice. ``errors.csv`` and ``items.csv`` are views rebuilt from the
-chunks (also written atomically); the chunks are the only truth.
+Every image is identified by a **key** (:func:`medexplain.data.files.ImageDataset.item_keys`:
+its absolute path, the file's size and modification time, its label, flip and mask), not by
+its row in the manifest. A chunk's ``.npz`` holds, for the images it explained: ``key (n,)``,
+``index (n,)`` (manifest row when explained), ``maps (n, 1, *S) float32``, ``label (n,)`` or
+``(n, K)``, ``pred`` (same), ``target (n,)``, ``logits (n, K)``, ``affine (n, 4, 4)`` (NaN
+when the file has none), ``path``, the images' running ``image_sum (C, *S) float64`` and
+``image_count``, the images that failed (``err_index``, ``err_path``, ``err_reason``,
+``err_key``) and ``digests``: a SHA-256 of every other array, checked when the chunk is read,
+so a damaged chunk is named instead of being half read.
+
+A chunk is written to a temporary name, flushed, fsynced and moved into place with
+:func:`os.replace`, so at any instant a chunk is either absent or complete: a run killed at
+any point and started again explains only the keys no chunk holds and never counts an image
+twice. A reordered, extended or shortened manifest resumes by key; a changed file gets a new
+key and is explained again. The **selection** says which stored keys the run covers now (the
+manifest's rows, first occurrence of a duplicate); every view (:meth:`RunStore.iter_chunks`,
+``errors.csv``, ``items.csv``, the mean image) shows the selection only, with the current
+manifest rows as ``index``. Keys no longer selected stay on disk, so a shortened run loses no
+computed map. ``errors.csv`` and ``items.csv`` are views rebuilt from the chunks; the chunks
+are the only truth.
+
+Only what medexplain wrote is ever deleted: :meth:`RunStore.clear` removes the names listed in
+:data:`RUN_FILES` and nothing else, and a folder without a ``run.json`` of this format is
+never cleared.
 """
 
 from __future__ import annotations
@@ -26,27 +41,65 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Chunk", "RunError", "RunStore", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "RUN_FILES",
+    "Chunk",
+    "DamagedChunkError",
+    "RunError",
+    "RunStore",
+    "atomic_write_bytes",
+    "atomic_write_text",
+]
 
 FORMAT = "medexplain.run"
-VERSION = 1
+VERSION = 2
 _CHUNK_NAME = re.compile(r"^(\d{6,})\.npz$")
+#: Everything medexplain writes in a run folder; :meth:`RunStore.clear` deletes these only.
+RUN_FILES = (
+    "run.json",
+    "chunks",
+    "selection.npz",
+    "mean_image.npz",
+    "errors.csv",
+    "items.csv",
+    "global",
+    "figures",
+    "evaluation.json",
+    "peppr.json",
+    "report.html",
+)
 
 
 class RunError(ValueError):
     """A run folder that cannot be used as asked (different settings, busy, unreadable)."""
+
+
+class DamagedChunkError(RunError):
+    """A chunk file that cannot be read back whole (truncated, corrupt, wrong checksum)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"chunk {path} is damaged ({reason}); run the same explain command again to "
+            "recompute its images"
+        )
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -86,9 +139,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _digest(array: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes."""
+    array = np.ascontiguousarray(array)
+    h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    h.update(array.tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class Chunk:
-    """The explained images of one chunk (see the module docstring for the fields)."""
+    """The explained images of one chunk (see the module docstring for the fields).
+
+    ``errors`` holds ``(index, path, reason, key)`` of the images that failed.
+    """
 
     number: int
     index: np.ndarray
@@ -99,21 +163,31 @@ class Chunk:
     logits: np.ndarray
     affine: np.ndarray
     path: np.ndarray
+    key: np.ndarray | None = None
     image_sum: np.ndarray | None = None
     image_count: int = 0
-    errors: list[tuple[int, str, str]] = field(default_factory=list)
+    errors: list[tuple[int, str, str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.key is None:  # stores written without keys: the path is the key
+            self.key = np.asarray(self.path, dtype=np.str_)
+        self.errors = [
+            (int(e[0]), str(e[1]), str(e[2]), str(e[3]) if len(e) > 3 else str(e[1]))
+            for e in self.errors
+        ]
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
     @property
-    def finished(self) -> set[int]:
-        """Dataset indices this chunk settled: explained or recorded as an error."""
-        return {int(i) for i in self.index} | {int(e[0]) for e in self.errors}
+    def finished(self) -> set[str]:
+        """Keys this chunk settled: explained or recorded as an error."""
+        return {str(k) for k in self.key} | {e[3] for e in self.errors}
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {
             "index": np.asarray(self.index, dtype=np.int64),
+            "key": np.asarray(self.key, dtype=np.str_),
             "maps": np.asarray(self.maps, dtype=np.float32),
             "label": np.asarray(self.label),
             "pred": np.asarray(self.pred),
@@ -125,16 +199,22 @@ class Chunk:
             "err_index": np.asarray([e[0] for e in self.errors], dtype=np.int64),
             "err_path": np.asarray([e[1] for e in self.errors], dtype=np.str_),
             "err_reason": np.asarray([e[2] for e in self.errors], dtype=np.str_),
+            "err_key": np.asarray([e[3] for e in self.errors], dtype=np.str_),
         }
         if self.image_sum is not None:
             arrays["image_sum"] = np.asarray(self.image_sum, dtype=np.float64)
+        digests = {name: _digest(array) for name, array in arrays.items()}
+        arrays["digests"] = np.asarray(json.dumps(digests, sort_keys=True))
         return arrays
 
     @classmethod
     def from_arrays(cls, number: int, data: Mapping[str, np.ndarray]) -> Chunk:
+        keys = data.get("err_key")
         errors = [
-            (int(i), str(p), str(r))
-            for i, p, r in zip(data["err_index"], data["err_path"], data["err_reason"])
+            (int(i), str(p), str(r), str(keys[j]) if keys is not None else str(p))
+            for j, (i, p, r) in enumerate(
+                zip(data["err_index"], data["err_path"], data["err_reason"])
+            )
         ]
         return cls(
             number=number,
@@ -146,15 +226,41 @@ class Chunk:
             logits=data["logits"],
             affine=data["affine"],
             path=data["path"],
+            key=data.get("key"),
             image_sum=data.get("image_sum"),
             image_count=int(data["image_count"]),
             errors=errors,
+        )
+
+    def subset(self, rows: Sequence[int], index: Sequence[int]) -> Chunk:
+        """The chunk restricted to ``rows``, renumbered with manifest rows ``index``. The
+        image sum is kept only when every row is kept (it cannot be split)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        whole = len(rows) == len(self) and bool((rows == np.arange(len(self))).all())
+        return Chunk(
+            number=self.number,
+            index=np.asarray(index, dtype=np.int64),
+            maps=self.maps[rows] if self.maps.ndim > 1 else self.maps,
+            label=self.label[rows],
+            pred=self.pred[rows],
+            target=self.target[rows],
+            logits=self.logits[rows],
+            affine=self.affine[rows],
+            path=self.path[rows],
+            key=np.asarray(self.key)[rows],
+            image_sum=self.image_sum if whole else None,
+            image_count=self.image_count if whole else 0,
         )
 
 
 def _plain(value: Any) -> Any:
     """JSON round trip, so a record compares equal to what run.json holds."""
     return json.loads(json.dumps(value, default=str))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """True when ``path`` is ``folder`` or lies below it (both resolved)."""
+    return path == folder or folder in path.parents
 
 
 class RunStore:
@@ -164,7 +270,8 @@ class RunStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.chunk_dir = self.root / "chunks"
-        self._lock_handle = None
+        self._selection: dict[str, int] | None = None
+        self._selection_loaded = False
 
     # ------------------------------------------------------------------ manifest
 
@@ -174,59 +281,122 @@ class RunStore:
 
     @property
     def exists(self) -> bool:
-        return self.run_json.is_file()
+        """True when the folder holds a medexplain run (its ``run.json`` marker)."""
+        if not self.run_json.is_file():
+            return False
+        try:
+            return json.loads(self.run_json.read_text(encoding="utf-8")).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def record(self) -> dict[str, Any]:
         """The contents of ``run.json`` (RunError if the folder holds no run)."""
-        if not self.exists:
+        if not self.run_json.is_file():
             raise RunError(f"{self.root} is not a medexplain run (no run.json); run explain first")
         try:
             record = json.loads(self.run_json.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise RunError(f"cannot read {self.run_json}: {error}") from error
-        if record.get("format") != FORMAT:
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise RunError(f"{self.run_json} is not a medexplain run manifest")
+        if record.get("version") != VERSION:
+            raise RunError(
+                f"{self.root} was written by another medexplain version (run format "
+                f"{record.get('version')}, this one reads {VERSION}); explain into a new --out"
+            )
         return record
 
+    def check_inputs(self, inputs: Iterable[str | os.PathLike]) -> None:
+        """Refuse a run folder that equals or contains an input, or lies inside an input
+        folder (the data would be read from, or written into, the run).
+
+        Raises RunError naming the input, before anything is written.
+        """
+        root = self.root.resolve()
+        for value in inputs:
+            if value is None:
+                continue
+            path = Path(value).resolve()
+            if _inside(path, root):
+                raise RunError(
+                    f"--out {self.root} contains the input {value}; a run folder must be a "
+                    "folder of its own, outside the data, model and checkpoints"
+                )
+            if path.is_dir() and _inside(root, path):
+                raise RunError(
+                    f"--out {self.root} lies inside the input folder {value}; choose a run "
+                    "folder outside the data"
+                )
+
+    def check_files(self, paths: Iterable[str | os.PathLike]) -> None:
+        """Refuse a run folder that contains any of ``paths`` (the images and masks of a
+        manifest); a cheap textual check on absolute paths, for many files."""
+        root = os.path.abspath(self.root)
+        prefix = root.rstrip(os.sep) + os.sep
+        for value in paths:
+            path = os.path.abspath(value)
+            if path == root or path.startswith(prefix):
+                raise RunError(
+                    f"--out {self.root} contains the input {value}; a run folder must be a "
+                    "folder of its own, outside the data"
+                )
+
+    def initialise_check(self) -> None:
+        """What :meth:`initialise` checks before writing anything: ``root`` is a folder that
+        is absent, empty, or a readable run of this version (RunError otherwise)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunError(f"--out {self.root} is a file; expected a run folder")
+        if self.run_json.is_file():
+            self.record()
+        elif self.root.is_dir():
+            names = sorted(p.name for p in self.root.iterdir() if p.name != ".lock")
+            if names:
+                raise RunError(
+                    f"{self.root} exists and is not a medexplain run (it holds {names[:3]}); "
+                    "medexplain never writes into or deletes such a folder: choose a new or "
+                    "empty --out"
+                )
+
     def initialise(
-        self, record: Mapping[str, Any], identity: Mapping[str, Any], overwrite: bool = False
+        self,
+        record: Mapping[str, Any],
+        identity: Mapping[str, Any],
+        overwrite: bool = False,
+        inputs: Iterable[str | os.PathLike] = (),
     ) -> dict[str, Any]:
         """Start a new run or check that ``identity`` matches the existing one.
 
         ``identity``: the settings that decide the maps (model hash, data, method, params,
         target, chunk size...). On an existing run any difference raises :class:`RunError`
-        naming the differing keys, unless ``overwrite`` (then the old run is deleted).
-        Returns the run record in force.
+        naming the differing keys, unless ``overwrite`` (then what medexplain wrote in the
+        old run is deleted, :meth:`clear`). A folder that exists, is not empty and holds no
+        run is refused with or without ``overwrite``. ``inputs`` (data, manifest, model,
+        checkpoints) are checked with :meth:`check_inputs` first. Returns the run record.
         """
+        self.check_inputs(inputs)
         identity = _plain(dict(identity))
-        if self.exists:
+        if self.run_json.is_file():
             old = self.record()
+            old_identity = old.get("identity", {})
             differences = sorted(
                 key
-                for key in set(identity) | set(old.get("identity", {}))
-                if identity.get(key) != old.get("identity", {}).get(key)
+                for key in set(identity) | set(old_identity)
+                if identity.get(key) != old_identity.get(key)
             )
             if not differences:
                 return old
             if not overwrite:
                 detail = "; ".join(
-                    f"{k}: run has {old.get('identity', {}).get(k)!r}, now {identity.get(k)!r}"
+                    f"{k}: run has {old_identity.get(k)!r}, now {identity.get(k)!r}"
                     for k in differences[:4]
                 )
                 raise RunError(
                     f"{self.root} holds a run with different settings ({detail}); use the same "
-                    "settings to resume, another --out, or --overwrite to start again"
+                    "settings to resume, another --out, or --overwrite to replace this run"
                 )
             self.clear()
-        elif self.root.exists() and any(self.root.iterdir()) and not overwrite:
-            names = [p.name for p in self.root.iterdir() if p.name != ".lock"]
-            if names:
-                raise RunError(
-                    f"{self.root} exists and is not a medexplain run (holds {names[:3]}); "
-                    "choose an empty or new --out, or --overwrite"
-                )
-        elif overwrite and self.root.exists():
-            self.clear()
+        else:
+            self.initialise_check()
         full = {"format": FORMAT, "version": VERSION, **_plain(dict(record))}
         full["identity"] = identity
         self.root.mkdir(parents=True, exist_ok=True)
@@ -240,14 +410,17 @@ class RunStore:
         atomic_write_text(self.run_json, json.dumps(record, indent=2))
 
     def clear(self) -> None:
-        """Delete everything medexplain wrote in the run folder (not the folder itself)."""
-        for child in self.root.iterdir():
-            if child.name == ".lock":
-                continue
-            if child.is_dir():
+        """Delete what medexplain wrote in the run folder (:data:`RUN_FILES`) and nothing
+        else; RunError when the folder holds no run."""
+        if not self.exists:
+            raise RunError(f"{self.root} is not a medexplain run; nothing was deleted")
+        for name in RUN_FILES:
+            child = self.root / name
+            if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
-            else:
+            elif child.exists() or child.is_symlink():
                 child.unlink()
+        self._selection_loaded = False
 
     # ------------------------------------------------------------------ locking
 
@@ -265,6 +438,44 @@ class RunStore:
                 ) from None
             yield
 
+    # ------------------------------------------------------------------ selection
+
+    @property
+    def selection_path(self) -> Path:
+        return self.root / "selection.npz"
+
+    def write_selection(self, keys: Sequence[str], rows: Sequence[int]) -> None:
+        """Record the keys the run covers now and their manifest rows (atomic)."""
+        arrays = {
+            "key": np.asarray(list(keys), dtype=np.str_),
+            "index": np.asarray(list(rows), dtype=np.int64),
+        }
+        _atomic(self.selection_path, lambda handle: np.savez(handle, **arrays))
+        self._selection = {str(k): int(i) for k, i in zip(arrays["key"], arrays["index"])}
+        self._selection_loaded = True
+
+    def selection(self) -> dict[str, int] | None:
+        """``key -> manifest row`` of the images the run covers (None: every stored image)."""
+        if not self._selection_loaded:
+            self._selection = None
+            if self.selection_path.is_file():
+                try:
+                    with np.load(self.selection_path, allow_pickle=False) as data:
+                        keys, rows = data["key"], data["index"]
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+                    raise RunError(f"cannot read {self.selection_path}: {error}") from error
+                self._selection = {str(k): int(i) for k, i in zip(keys, rows)}
+            self._selection_loaded = True
+        return self._selection
+
+    def selection_digest(self) -> str:
+        """SHA-256 of the selected keys and rows (identifies one state of the run)."""
+        selection = self.selection() or {}
+        h = hashlib.sha256()
+        for key, row in sorted(selection.items()):
+            h.update(f"{key}\t{row}\n".encode())
+        return h.hexdigest()
+
     # ------------------------------------------------------------------ chunks
 
     def chunk_path(self, number: int) -> Path:
@@ -277,6 +488,10 @@ class RunStore:
         found = (_CHUNK_NAME.match(p.name) for p in self.chunk_dir.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
+    def next_chunk_number(self) -> int:
+        numbers = self.chunk_numbers()
+        return numbers[-1] + 1 if numbers else 0
+
     def remove_partial(self) -> int:
         """Delete temporary files a killed writer left behind; returns how many."""
         if not self.chunk_dir.is_dir():
@@ -287,52 +502,105 @@ class RunStore:
         return len(stale)
 
     def read_chunk(self, number: int, maps: bool = True) -> Chunk:
-        """Load chunk ``number`` (``maps=False`` skips the maps: an empty array instead)."""
+        """Load chunk ``number`` (``maps=False`` skips the maps: an empty array instead),
+        checking each array read against its stored digest (DamagedChunkError)."""
         path = self.chunk_path(number)
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files if maps or k != "maps"}
-        except (OSError, ValueError, KeyError) as error:
-            raise RunError(f"cannot read chunk {path}: {error}") from error
+        except FileNotFoundError as error:
+            raise RunError(f"chunk {path} does not exist") from error
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise DamagedChunkError(path, f"{type(error).__name__}: {error}") from error
+        if "digests" in arrays:
+            try:
+                digests = json.loads(str(arrays.pop("digests")))
+            except ValueError as error:
+                raise DamagedChunkError(path, "unreadable checksums") from error
+            for name, array in arrays.items():
+                if digests.get(name) != _digest(array):
+                    raise DamagedChunkError(path, f"checksum of '{name}' does not match")
         if not maps:
             arrays["maps"] = np.empty((0,), dtype=np.float32)
-        return Chunk.from_arrays(number, arrays)
+        try:
+            return Chunk.from_arrays(number, arrays)
+        except KeyError as error:
+            raise DamagedChunkError(path, f"missing array {error}") from error
 
     def write_chunk(self, chunk: Chunk) -> Path:
         """Write ``chunk`` atomically (replaces an older version of the same chunk)."""
         arrays = chunk.to_arrays()
         return _atomic(self.chunk_path(chunk.number), lambda handle: np.savez(handle, **arrays))
 
-    def iter_chunks(self, maps: bool = True) -> Iterator[Chunk]:
-        """Complete chunks in index order."""
+    def set_aside_damaged(self, log=print) -> list[Path]:
+        """Move every damaged chunk to ``chunks/damaged/`` (its images are then explained
+        again on resume); returns the new paths."""
+        moved = []
         for number in self.chunk_numbers():
-            yield self.read_chunk(number, maps=maps)
+            try:
+                self.read_chunk(number, maps=True)
+            except DamagedChunkError as error:
+                target = self.chunk_dir / "damaged" / f"{number:06d}.{time.time_ns()}.npz"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(error.path, target)
+                log(f"{error.path} is damaged; moved to {target}, its images are explained again")
+                moved.append(target)
+        return moved
+
+    def stored_keys(self) -> set[str]:
+        """Keys settled (explained or failed) by any chunk on disk, selected or not."""
+        keys: set[str] = set()
+        for number in self.chunk_numbers():
+            keys |= self.read_chunk(number, maps=False).finished
+        return keys
+
+    def iter_chunks(self, maps: bool = True, selected: bool = True) -> Iterator[Chunk]:
+        """Complete chunks in chunk order; with ``selected`` (default) restricted to the
+        selection, ``index`` being the current manifest row, each key once."""
+        selection = self.selection() if selected else None
+        seen: set[str] = set()
+        for number in self.chunk_numbers():
+            chunk = self.read_chunk(number, maps=maps)
+            if selection is None:
+                yield chunk
+                continue
+            rows, index = [], []
+            for j, key in enumerate(chunk.key.tolist()):
+                if key in selection and key not in seen:
+                    seen.add(key)
+                    rows.append(j)
+                    index.append(selection[key])
+            errors = []
+            for _row, path, reason, key in chunk.errors:
+                if key in selection and key not in seen:
+                    seen.add(key)
+                    errors.append((selection[key], path, reason, key))
+            out = chunk.subset(rows, index)
+            out.errors = errors
+            yield out
 
     # ------------------------------------------------------------------ summaries
 
     def errors(self) -> list[tuple[int, str, str]]:
-        """``(index, path, reason)`` of every image that failed, in index order."""
-        out = [e for chunk in self.iter_chunks(maps=False) for e in chunk.errors]
+        """``(index, path, reason)`` of every selected image that failed, in index order."""
+        out = [e[:3] for chunk in self.iter_chunks(maps=False) for e in chunk.errors]
         return sorted(out)
 
     def write_errors_csv(self, errors: list[tuple[int, str, str]] | None = None) -> Path:
         """Rebuild ``errors.csv`` (atomically) from the chunks or the given list."""
-        errors = self.errors() if errors is None else sorted(errors)
+        errors = self.errors() if errors is None else sorted(e[:3] for e in errors)
         lines = [["index", "path", "reason"], *[[str(i), p, r] for i, p, r in errors]]
         return atomic_write_text(self.root / "errors.csv", _csv_text(lines))
 
     def write_items_csv(self) -> Path:
-        """``items.csv``: one row per explained image (index, path, label, prediction,
-        target, logits separated by spaces), streamed chunk by chunk (atomic)."""
-        import io
-
-        def write(handle) -> None:
-            text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
-            writer = csv.writer(text, lineterminator="\n")
-            writer.writerow(["index", "path", "label", "prediction", "target", "logits", "chunk"])
-            for chunk in self.iter_chunks(maps=False):
-                for j in range(len(chunk)):
-                    writer.writerow(
+        """``items.csv``: one row per selected explained image in manifest order (index,
+        path, label, prediction, target, logits separated by spaces, chunk), atomic."""
+        rows = []
+        for chunk in self.iter_chunks(maps=False):
+            for j in range(len(chunk)):
+                rows.append(
+                    (
+                        int(chunk.index[j]),
                         [
                             str(int(chunk.index[j])),
                             str(chunk.path[j]),
@@ -341,28 +609,54 @@ class RunStore:
                             str(int(chunk.target[j])),
                             _cell(chunk.logits[j]),
                             str(chunk.number),
-                        ]
+                        ],
                     )
-            text.flush()
-            text.detach()
+                )
+        rows.sort(key=lambda row: row[0])
+        header = ["index", "path", "label", "prediction", "target", "logits", "chunk"]
+        return atomic_write_text(
+            self.root / "items.csv", _csv_text([header, *[r for _, r in rows]])
+        )
 
-        return _atomic(self.root / "items.csv", write)
+    def partial_chunks(self) -> bool:
+        """True when some chunk holds selected and unselected images (its image sum then
+        cannot give the mean image; see :meth:`write_mean_image`)."""
+        return any(c.image_sum is None and len(c) > 0 for c in self.iter_chunks(maps=False))
+
+    def write_mean_image(self, mean: np.ndarray) -> None:
+        """Store the selection's mean image ``(C, *S)`` with the selection it belongs to."""
+        arrays = {
+            "mean": np.asarray(mean, np.float64),
+            "digest": np.asarray(self.selection_digest()),
+        }
+        _atomic(self.root / "mean_image.npz", lambda handle: np.savez(handle, **arrays))
 
     def mean_image(self) -> np.ndarray | None:
-        """Mean ``(C, *S)`` float64 of every explained image (from the chunks' sums)."""
-        total, count = None, 0
+        """Mean ``(C, *S)`` float64 of every selected explained image: from the chunks'
+        sums, or from ``mean_image.npz`` when it belongs to the current selection."""
+        total, count, partial = None, 0, False
         for chunk in self.iter_chunks(maps=False):
+            if len(chunk) and (chunk.image_sum is None or chunk.image_count == 0):
+                partial = True
+                break
             if chunk.image_sum is None or chunk.image_count == 0:
                 continue
             total = chunk.image_sum.copy() if total is None else total + chunk.image_sum
             count += chunk.image_count
-        return None if total is None else total / count
+        if not partial:
+            return None if total is None else total / count
+        stored = self.root / "mean_image.npz"
+        if stored.is_file():
+            with np.load(stored, allow_pickle=False) as data:
+                if str(data["digest"]) == self.selection_digest():
+                    return data["mean"]
+        return None
 
     def first_affine(self) -> np.ndarray | None:
         """The affine of the first explained image (None when it has none)."""
         for chunk in self.iter_chunks(maps=False):
             if len(chunk):
-                affine = chunk.affine[0]
+                affine = chunk.affine[int(np.argmin(chunk.index))]
                 return None if not np.isfinite(affine).all() else affine
         return None
 
@@ -378,8 +672,6 @@ def _cell(value: np.ndarray) -> str:
 
 
 def _csv_text(rows: list[list[str]]) -> str:
-    import io
-
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
     return buffer.getvalue()

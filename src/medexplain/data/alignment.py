@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..progress import progress_bar
+from ..core.progress import progress_bar
 from .files import ImageDataset
 from .readers import DataError
 
@@ -267,6 +267,11 @@ def check_alignment(
             return None
         if image.ndim not in (3, 4):
             raise DataError(f"image {source.paths[i]} has shape {image.shape}; expected (C, *S)")
+        finite = np.isfinite(image)
+        if not finite.all():
+            bad = int(image.size - np.count_nonzero(finite))
+            errors[i] = f"image {source.paths[i]} has {bad} NaN/Inf value(s); left out"
+            return None
         if shape is None:
             shape = image.shape
         elif image.shape != shape:

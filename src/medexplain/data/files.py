@@ -39,12 +39,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..spatial import check_dims, resize
+from ..core.spatial import check_dims, resize
 from .manifest import (
     Manifest,
     Record,
     read_csv_manifest,
     read_folder_manifest,
+    record_key,
     records_from_paths,
 )
 from .readers import DataError, ImageMeta, load_image
@@ -177,6 +178,7 @@ class _Reference:
     channels: int
     shape: tuple[int, ...]
     lr_axis: int
+    meta: ImageMeta
 
 
 def _one_line(error: BaseException) -> str:
@@ -324,6 +326,11 @@ class ImageDataset(Dataset):
             raise DataError(f"no manifest column {name!r}; extra columns found: {found}")
         return [r.extra.get(name, "") for r in records]
 
+    def item_keys(self) -> list[str]:
+        """One identity per item (:func:`~medexplain.data.manifest.record_key`): what a
+        resumed run matches stored maps by. Reads no image, stats each file once."""
+        return [record_key(r) for r in self.manifest.records]
+
     def missing_files(self) -> list[str]:
         """Image and mask paths that do not exist (cheap: no file is opened)."""
         out = []
@@ -345,7 +352,7 @@ class ImageDataset(Dataset):
                     continue
                 dims = array.ndim - 1
                 self._reference_cache = _Reference(
-                    record.path, array.shape[0], tuple(array.shape[1:]), meta.lr_axis % dims
+                    record.path, array.shape[0], tuple(array.shape[1:]), meta.lr_axis % dims, meta
                 )
                 break
             else:
@@ -458,10 +465,33 @@ class ImageDataset(Dataset):
         array, meta = load_image(record.path, spatial_dims=self._spatial_dims)
         return self._process(index, record, array, meta)
 
+    def _check_values(self, array: np.ndarray, meta: ImageMeta, path: Path) -> None:
+        """Refuse NaN/Inf pixels, and (without normalisation) an image whose stored value
+        range differs from the first image's: 8-bit next to 16-bit PNGs in file units are
+        not comparable intensities."""
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = int(array.size - np.count_nonzero(finite))
+            raise DataError(
+                f"{path} has {bad} NaN/Inf value(s) of {array.size}; replace them (e.g. with 0) "
+                "before explaining"
+            )
+        if self.normalise != "none" or meta.format != "pil":
+            return
+        ref = self._reference()
+        if ref.meta.format == "pil" and meta.value_range != ref.meta.value_range:
+            raise DataError(
+                f"{path} stores values in {_range_text(meta.value_range)} but the first image "
+                f"{ref.path} stores {_range_text(ref.meta.value_range)}; with --normalise none "
+                "their intensities are not comparable: use --normalise range (or minmax, "
+                "zscore, percentile)"
+            )
+
     def _process(
         self, index: int, record: Record, array: np.ndarray, meta: ImageMeta
     ) -> dict[str, Any]:
         path = record.path
+        self._check_values(array, meta, path)
         array = self._fit_channels(array, path)
         spatial = tuple(array.shape[1:])
         lr_axis = meta.lr_axis % len(spatial)
@@ -505,6 +535,12 @@ class ImageDataset(Dataset):
             return None, _one_line(error)
 
     collate = staticmethod(collate)
+
+
+def _range_text(value_range: tuple[float, float] | None) -> str:
+    if value_range is None:
+        return "floating-point values"
+    return f"integers {value_range[0]:g}..{value_range[1]:g}"
 
 
 def open_dataset(source: str | os.PathLike, **kwargs: Any) -> ImageDataset:

@@ -25,6 +25,7 @@ CSV manifest (one row per image, header required, ``,`` ``;`` or tab separated):
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,59 @@ class Manifest:
                 len(self.records), len(self.class_names)
             )
         return np.asarray([r.label for r in self.records], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _stamp(path: Path) -> str:
+    """Size and modification time of a file, or of the visible files of a folder (a DICOM
+    series); ``"missing"`` when it does not exist. Cheap: no file is read."""
+    try:
+        if path.is_dir():
+            parts = [
+                f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                for p in sorted(path.iterdir())
+                if p.is_file() and not p.name.startswith(".")
+            ]
+            return "dir[" + ",".join(parts) + "]"
+        info = path.stat()
+    except OSError:
+        return "missing"
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+def record_key(record: Record) -> str:
+    """A 32-hex-digit identity of an image as a run explains it: its absolute path, the
+    file's size and modification time, its label, flip flag and mask (path and stamp). A
+    moved row keeps its key; an edited, replaced or relabelled image gets a new one."""
+    path = Path(os.path.abspath(record.path))
+    parts = [str(path), _stamp(path), repr(record.label), str(bool(record.flip))]
+    if record.mask is not None:
+        mask = Path(os.path.abspath(record.mask))
+        parts += [str(mask), _stamp(mask)]
+    return hashlib.blake2b("\0".join(parts).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def duplicate_rows(manifest: Manifest) -> tuple[list[tuple[int, int]], list[str]]:
+    """Rows naming an image already listed: ``(row, first row)`` pairs of exact repeats
+    (same path, label, flip and mask: explained once), and messages for rows that list the
+    same image (path and flip) with another label or mask (a contradiction)."""
+    first: dict[tuple[str, bool], int] = {}
+    repeats, conflicts = [], []
+    for i, record in enumerate(manifest.records):
+        identity = (os.path.abspath(record.path), bool(record.flip))
+        j = first.setdefault(identity, i)
+        if j == i:
+            continue
+        other = manifest.records[j]
+        if (other.label, other.mask) == (record.label, record.mask):
+            repeats.append((i, j))
+        else:
+            conflicts.append(
+                f"rows {j} and {i} (0-based) list {record.path} with different labels or masks"
+            )
+    return repeats, conflicts
 
 
 # --------------------------------------------------------------------------- CSV

@@ -208,6 +208,12 @@ class LoadedModel(nn.Module):
 
     # ------------------------------------------------------------------ description
 
+    def fingerprint_tensors(self) -> list[torch.Tensor]:
+        """The tensors that decide the function: the network's state, plus the input
+        normalisation when it normalises (see ``models.fingerprint``)."""
+        tensors = list(self.net.state_dict().values())
+        return [*tensors, self.mean, self.std] if self._normalises else tensors
+
     @property
     def activation(self) -> str:
         if self._activation is not None:
