@@ -65,7 +65,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -74,11 +73,19 @@ from ...core.scores import chunked
 from ...models.fingerprint import check_classifier, classifier_record
 from ..augment import RandomAffine, as_random_affine, warp
 from ..base import Explainer, register
+from .adversarial_losses import (
+    _images,
+    _TrainingMode,
+    adversarial_loss,
+    check_settings,
+    decision_counts,
+    generator_losses,
+    reconstruction,
+    two_class_logits,
+)
 from .unet import UNet, UNetConfig
 
 CHECKPOINT_KIND = "similar_adversarial_unet"
-OTHER_TARGET = ("warn", "raise", "ignore")
-ADVERSARIAL_MODES = ("any",)
 
 __all__ = [
     "CHECKPOINT_KIND",
@@ -94,81 +101,6 @@ def _register_checkpoint_builder() -> None:
     from ...models.checkpoint import register_builder
 
     register_builder(CHECKPOINT_KIND, UNetConfig, UNet)
-
-
-def two_class_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Logits ``(B, K)`` with ``K >= 2``; a single logit ``z`` becomes ``(0, z)``."""
-    if logits.dim() != 2:
-        raise ValueError(f"the model must return logits (B, K); got shape {tuple(logits.shape)}")
-    if logits.shape[1] == 1:
-        return torch.cat([torch.zeros_like(logits), logits], dim=1)
-    return logits
-
-
-def reconstruction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``R(a, b) = MSE(a, b) + MAE(a, b)`` per image, ``(B,)``."""
-    diff = (a - b).flatten(1)
-    return (diff * diff).mean(dim=1) + diff.abs().mean(dim=1)
-
-
-def adversarial_loss(
-    logits: torch.Tensor, predicted: torch.Tensor, target: int | torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-image loss ``(B,)`` that pushes ``x_a`` away from the predicted class.
-
-    ``target=None``: ``-log(1 - p_{predicted})`` (any other class). ``target`` = a class
-    index or ``(B,)`` indices: ``CE(logits, target)``, except where ``target == predicted``,
-    which gets the "any other class" loss. ``logits`` ``(B, K)`` need ``K >= 2`` columns
-    (see :func:`two_class_logits`).
-    """
-    others = logits.masked_fill(F.one_hot(predicted, logits.shape[1]).bool(), float("-inf"))
-    any_other = torch.logsumexp(logits, dim=1) - torch.logsumexp(others, dim=1)
-    if target is None:
-        return any_other
-    chosen = torch.as_tensor(target, device=predicted.device).long().expand_as(predicted)
-    to_target = F.cross_entropy(logits, chosen, reduction="none")
-    return torch.where(predicted == chosen, any_other, to_target)
-
-
-def adversarial_classes(
-    logits: torch.Tensor, mode: str | int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(y^, target)`` for logits ``(B, K >= 2)``: the predicted class and the adversarial
-    target of ``mode`` (None for "any", else the class index as a ``(B,)`` tensor)."""
-    predicted = logits.argmax(dim=1)
-    if mode == "any":
-        return predicted, None
-    if int(mode) >= logits.shape[1]:
-        raise ValueError(
-            f"adversarial_target={mode} is out of range for a model with {logits.shape[1]} classes"
-        )
-    return predicted, torch.full_like(predicted, int(mode))
-
-
-def _images(batch: Any) -> torch.Tensor:
-    """Images from a collated batch: a tensor, a tuple ``(image, label, ...)`` or a dict."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    from ...models.train import split_batch
-
-    if isinstance(batch, (list, tuple)) and len(batch) == 1:
-        return batch[0]
-    return split_batch(batch)[0]
-
-
-class _TrainingMode:
-    """Put a module in train/eval mode for a block and restore every flag afterwards."""
-
-    def __init__(self, module: nn.Module, training: bool) -> None:
-        self.module, self.training = module, training
-
-    def __enter__(self) -> None:
-        self.flags = [m.training for m in self.module.modules()]
-        self.module.train(self.training)
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in zip(self.module.modules(), self.flags):
-            m.training = flag
 
 
 @register(
@@ -226,26 +158,14 @@ class SimilarAdversarial(Explainer):
         self.input_shape: tuple[int, ...] | None = None
         if checkpoint is not None and generator is not None:
             raise ValueError("give either checkpoint= or generator=, not both")
-        if similar_weight < 0 or adversarial_weight < 0:
-            raise ValueError(
-                "similar_weight and adversarial_weight must be >= 0, got "
-                f"{similar_weight} and {adversarial_weight}"
-            )
-        if not (
-            adversarial_target in ADVERSARIAL_MODES or isinstance(adversarial_target, int)
-        ) or isinstance(adversarial_target, bool):
-            raise ValueError(
-                f"adversarial_target must be one of {ADVERSARIAL_MODES} or a class index, "
-                f"got {adversarial_target!r}"
-            )
-        if isinstance(adversarial_target, int) and adversarial_target < 0:
-            raise ValueError(f"adversarial_target must be >= 0, got {adversarial_target}")
-        if other_target not in OTHER_TARGET:
-            raise ValueError(f"other_target must be one of {OTHER_TARGET}, got {other_target!r}")
-        if int(epochs) < 1 or int(train_batch_size) < 1:
-            raise ValueError(
-                f"epochs and train_batch_size must be >= 1, got {epochs} and {train_batch_size}"
-            )
+        check_settings(
+            similar_weight,
+            adversarial_weight,
+            adversarial_target,
+            other_target,
+            epochs,
+            train_batch_size,
+        )
         self.widths = tuple(int(w) for w in widths)
         self.norm = norm
         self.residual = bool(residual)
@@ -361,27 +281,8 @@ class SimilarAdversarial(Explainer):
         caller (``fit`` does it). ``y^`` is the model's decision on ``x``.
         """
         generator = generator or self._require_generator()
-        with torch.no_grad():
-            predicted, target = adversarial_classes(
-                two_class_logits(self.model(x)), self.adversarial_target
-            )
-        out = generator(x)
-        x_s, x_a = out[:, 0], out[:, 1]
-        logits = two_class_logits(self.model(torch.cat([x_s, x_a])))
-        logits_s, logits_a = logits[: x.shape[0]], logits[x.shape[0] :]
-        terms = {
-            "similar_ce": F.cross_entropy(logits_s, predicted),
-            "adversarial_ce": adversarial_loss(logits_a, predicted, target).mean(),
-            "similar_rec": reconstruction(x_s, x).mean(),
-            "adversarial_rec": reconstruction(x_a, x_s).mean(),
-        }
-        terms["total"] = (
-            terms["similar_ce"]
-            + terms["adversarial_ce"]
-            + self.similar_weight * terms["similar_rec"]
-            + self.adversarial_weight * terms["adversarial_rec"]
-        )
-        return terms
+        weights = (self.similar_weight, self.adversarial_weight)
+        return generator_losses(self.model, generator, x, self.adversarial_target, *weights)
 
     @torch.no_grad()
     def decision_rates(self, data: Dataset | torch.Tensor) -> dict[str, float]:
@@ -390,23 +291,14 @@ class SimilarAdversarial(Explainer):
         chosen ``adversarial_target`` ("hit", among images not predicted as it; NaN for
         "any"), and the validation score ``kept * flipped``."""
         generator = self._require_generator()
-        kept = flipped = hit = aimed = n = 0
+        totals, n = [0, 0, 0, 0], 0
         with model_guard(self.model), _TrainingMode(generator, False):
             for x in self._batches(data):
                 x = x.to(self.device, torch.float32)
-                predicted, target = adversarial_classes(
-                    two_class_logits(self.model(x)), self.adversarial_target
-                )
-                out = generator(x)
-                pred_s = two_class_logits(self.model(out[:, 0])).argmax(dim=1)
-                pred_a = two_class_logits(self.model(out[:, 1])).argmax(dim=1)
-                kept += int((pred_s == predicted).sum())
-                flipped += int((pred_a != predicted).sum())
-                if target is not None:
-                    other = predicted != target
-                    hit += int((pred_a[other] == target[other]).sum())
-                    aimed += int(other.sum())
+                counts = decision_counts(self.model, generator, x, self.adversarial_target)
+                totals = [a + b for a, b in zip(totals, counts)]
                 n += x.shape[0]
+        kept, flipped, hit, aimed = totals
         if n == 0:
             raise ValueError("no images to evaluate")
         return {
