@@ -41,11 +41,11 @@ import torch
 from medexplain.cli import parse_params
 from medexplain.data.synthetic import make_benchmark
 from medexplain.data.writers import save_nifti
+from medexplain.explain.batch import predicted_classes
 from medexplain.explain.generative.warp_simulator import fit_warp_simulator
 from medexplain.metrics.warp import SHIFTS, evaluate_warp_simulator
 from medexplain.models.cnn import CNNConfig, build_classifier
 from medexplain.models.train import evaluate_classifier, train_classifier
-from medexplain.pipeline import predicted_classes
 from medexplain.report.warp_plot import plot_simulation
 
 CLASSES = ("healthy", "atrophy")

@@ -14,7 +14,7 @@ from medexplain.cli import app
 from medexplain.globalmaps import GlobalMaps
 from medexplain.models.checkpoint import save_checkpoint
 from medexplain.models.cnn import CNNConfig, build_classifier
-from medexplain.runstore import RunStore
+from medexplain.runs import RunStore
 
 runner = CliRunner()
 COMMANDS = [

@@ -23,8 +23,7 @@ from medexplain.cli import app
 from medexplain.explain import create
 from medexplain.models.checkpoint import save_checkpoint
 from medexplain.models.cnn import CNNConfig, build_classifier
-from medexplain.runs import ExplainSettings, explain_run
-from medexplain.runstore import RunStore
+from medexplain.runs import ExplainSettings, RunStore, explain_run
 
 runner = CliRunner()
 SIZE = 16

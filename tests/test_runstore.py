@@ -21,8 +21,15 @@ import torch
 from medexplain.data.synthetic import make_benchmark
 from medexplain.models.checkpoint import save_checkpoint
 from medexplain.models.cnn import CNNConfig, build_classifier
-from medexplain.runs import ExplainSettings, accumulate, explain_run, global_run
-from medexplain.runstore import Chunk, RunError, RunStore
+from medexplain.runs import (
+    Chunk,
+    ExplainSettings,
+    RunError,
+    RunStore,
+    accumulate,
+    explain_run,
+    global_run,
+)
 
 N_IMAGES = 24
 AFFINE = np.array([[2.0, 0, 0, -10], [0, 2.0, 0, 5], [0, 0, 2.0, 3], [0, 0, 0, 1]])

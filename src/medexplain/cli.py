@@ -116,7 +116,7 @@ def _guard(fn):
         from .data.readers import DataError
         from .models.checkpoint import CheckpointError
         from .models.external import ModelError
-        from .runstore import RunError
+        from .runs.errors import RunError
 
         try:
             return fn(*args, **kwargs)
@@ -423,9 +423,10 @@ def check_alignment_command(
 
     Example: medexplain check-alignment --data uwf.csv --out runs/uwf-alignment
     """
-    from .data.alignment import check_alignment, plot_alignment
+    from .data.alignment import check_alignment
     from .data.files import open_dataset
     from .data.readers import load_image
+    from .report.alignment_plot import plot_alignment
 
     dataset = open_dataset(data, shape=_parse_shape(shape), channels=channels, normalise=normalise)
     reference = None

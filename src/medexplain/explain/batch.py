@@ -1,7 +1,7 @@
-"""Explain a set of images in memory-bounded batches, with progress and timing.
+"""Explain a set of images held in memory, in bounded batches, with progress and timing.
 
-The demo and the CLI call these; the resumable on-disk run builds on the same
-batch iterator.
+The demo and the benchmarks use these on tensors; :mod:`medexplain.runs` explains files into
+a resumable store.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .core.model import model_device, model_guard
-from .core.progress import progress_bar
-from .explain.base import Explainer
+from ..core.model import model_device, model_guard
+from ..core.progress import progress_bar
+from ..core.scores import default_targets
+from .base import Explainer
 
 
 @dataclass
@@ -34,7 +35,9 @@ class ExplainedSet:
 def predicted_classes(
     model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64
 ) -> torch.Tensor:
-    """Argmax class ``(N,)`` (0 for single-logit models) with the model in eval mode."""
+    """The output each image's explanation explains by default, ``(N,)`` long: the
+    predicted class, or 0 (the only logit) for a one-logit model
+    (:func:`medexplain.core.scores.default_targets`), with the model in eval mode."""
     device = model_device(model)
     with model_guard(model):
         logits = torch.cat(
@@ -43,9 +46,7 @@ def predicted_classes(
                 for i in range(0, len(images), batch_size)
             ]
         )
-    if logits.shape[1] == 1:
-        return torch.zeros(len(images), dtype=torch.long)
-    return logits.argmax(1)
+    return default_targets(logits)
 
 
 def iter_batches(

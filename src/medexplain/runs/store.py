@@ -48,29 +48,30 @@ import os
 import re
 import shutil
 import time
-import uuid
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "RUN_FILES",
-    "Chunk",
-    "DamagedChunkError",
-    "RunError",
-    "RunStore",
-    "atomic_write_bytes",
-    "atomic_write_text",
-]
+from .atomic import atomic_write, atomic_write_text
+from .chunk import Chunk, array_digest
+from .errors import DamagedChunkError, RunError
+
+__all__ = ["RUN_FILES", "RunStore"]
+
 
 FORMAT = "medexplain.run"
+
+
 VERSION = 2
+
+
 _CHUNK_NAME = re.compile(r"^(\d{6,})\.npz$")
+
+
 #: Everything medexplain writes in a run folder; :meth:`RunStore.clear` deletes these only.
 RUN_FILES = (
     "run.json",
@@ -85,172 +86,6 @@ RUN_FILES = (
     "peppr.json",
     "report.html",
 )
-
-
-class RunError(ValueError):
-    """A run folder that cannot be used as asked (different settings, busy, unreadable)."""
-
-
-class DamagedChunkError(RunError):
-    """A chunk file that cannot be read back whole (truncated, corrupt, wrong checksum)."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = Path(path)
-        super().__init__(
-            f"chunk {path} is damaged ({reason}); run the same explain command again to "
-            "recompute its images"
-        )
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic(path: Path, write) -> Path:
-    """Write through ``write(handle)`` to a temporary file beside ``path``, then replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file + fsync + ``os.replace``)."""
-    return _atomic(Path(path), lambda handle: handle.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _digest(array: np.ndarray) -> str:
-    """SHA-256 of an array's dtype, shape and bytes."""
-    array = np.ascontiguousarray(array)
-    h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-    h.update(array.tobytes())
-    return h.hexdigest()
-
-
-@dataclass
-class Chunk:
-    """The explained images of one chunk (see the module docstring for the fields).
-
-    ``errors`` holds ``(index, path, reason, key)`` of the images that failed.
-    """
-
-    number: int
-    index: np.ndarray
-    maps: np.ndarray
-    label: np.ndarray
-    pred: np.ndarray
-    target: np.ndarray
-    logits: np.ndarray
-    affine: np.ndarray
-    path: np.ndarray
-    key: np.ndarray | None = None
-    image_sum: np.ndarray | None = None
-    image_count: int = 0
-    errors: list[tuple[int, str, str, str]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.key is None:  # stores written without keys: the path is the key
-            self.key = np.asarray(self.path, dtype=np.str_)
-        self.errors = [
-            (int(e[0]), str(e[1]), str(e[2]), str(e[3]) if len(e) > 3 else str(e[1]))
-            for e in self.errors
-        ]
-
-    def __len__(self) -> int:
-        return int(self.index.shape[0])
-
-    @property
-    def finished(self) -> set[str]:
-        """Keys this chunk settled: explained or recorded as an error."""
-        return {str(k) for k in self.key} | {e[3] for e in self.errors}
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        arrays = {
-            "index": np.asarray(self.index, dtype=np.int64),
-            "key": np.asarray(self.key, dtype=np.str_),
-            "maps": np.asarray(self.maps, dtype=np.float32),
-            "label": np.asarray(self.label),
-            "pred": np.asarray(self.pred),
-            "target": np.asarray(self.target, dtype=np.int64),
-            "logits": np.asarray(self.logits, dtype=np.float32),
-            "affine": np.asarray(self.affine, dtype=np.float64),
-            "path": np.asarray(self.path, dtype=np.str_),
-            "image_count": np.asarray(self.image_count, dtype=np.int64),
-            "err_index": np.asarray([e[0] for e in self.errors], dtype=np.int64),
-            "err_path": np.asarray([e[1] for e in self.errors], dtype=np.str_),
-            "err_reason": np.asarray([e[2] for e in self.errors], dtype=np.str_),
-            "err_key": np.asarray([e[3] for e in self.errors], dtype=np.str_),
-        }
-        if self.image_sum is not None:
-            arrays["image_sum"] = np.asarray(self.image_sum, dtype=np.float64)
-        digests = {name: _digest(array) for name, array in arrays.items()}
-        arrays["digests"] = np.asarray(json.dumps(digests, sort_keys=True))
-        return arrays
-
-    @classmethod
-    def from_arrays(cls, number: int, data: Mapping[str, np.ndarray]) -> Chunk:
-        keys = data.get("err_key")
-        errors = [
-            (int(i), str(p), str(r), str(keys[j]) if keys is not None else str(p))
-            for j, (i, p, r) in enumerate(
-                zip(data["err_index"], data["err_path"], data["err_reason"])
-            )
-        ]
-        return cls(
-            number=number,
-            index=data["index"],
-            maps=data["maps"],
-            label=data["label"],
-            pred=data["pred"],
-            target=data["target"],
-            logits=data["logits"],
-            affine=data["affine"],
-            path=data["path"],
-            key=data.get("key"),
-            image_sum=data.get("image_sum"),
-            image_count=int(data["image_count"]),
-            errors=errors,
-        )
-
-    def subset(self, rows: Sequence[int], index: Sequence[int]) -> Chunk:
-        """The chunk restricted to ``rows``, renumbered with manifest rows ``index``. The
-        image sum is kept only when every row is kept (it cannot be split)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        whole = len(rows) == len(self) and bool((rows == np.arange(len(self))).all())
-        return Chunk(
-            number=self.number,
-            index=np.asarray(index, dtype=np.int64),
-            maps=self.maps[rows] if self.maps.ndim > 1 else self.maps,
-            label=self.label[rows],
-            pred=self.pred[rows],
-            target=self.target[rows],
-            logits=self.logits[rows],
-            affine=self.affine[rows],
-            path=self.path[rows],
-            key=np.asarray(self.key)[rows],
-            image_sum=self.image_sum if whole else None,
-            image_count=self.image_count if whole else 0,
-        )
 
 
 def _plain(value: Any) -> Any:
@@ -450,7 +285,7 @@ class RunStore:
             "key": np.asarray(list(keys), dtype=np.str_),
             "index": np.asarray(list(rows), dtype=np.int64),
         }
-        _atomic(self.selection_path, lambda handle: np.savez(handle, **arrays))
+        atomic_write(self.selection_path, lambda handle: np.savez(handle, **arrays))
         self._selection = {str(k): int(i) for k, i in zip(arrays["key"], arrays["index"])}
         self._selection_loaded = True
 
@@ -468,7 +303,7 @@ class RunStore:
             self._selection_loaded = True
         return self._selection
 
-    def selection_digest(self) -> str:
+    def selectionarray_digest(self) -> str:
         """SHA-256 of the selected keys and rows (identifies one state of the run)."""
         selection = self.selection() or {}
         h = hashlib.sha256()
@@ -518,7 +353,7 @@ class RunStore:
             except ValueError as error:
                 raise DamagedChunkError(path, "unreadable checksums") from error
             for name, array in arrays.items():
-                if digests.get(name) != _digest(array):
+                if digests.get(name) != array_digest(array):
                     raise DamagedChunkError(path, f"checksum of '{name}' does not match")
         if not maps:
             arrays["maps"] = np.empty((0,), dtype=np.float32)
@@ -530,7 +365,9 @@ class RunStore:
     def write_chunk(self, chunk: Chunk) -> Path:
         """Write ``chunk`` atomically (replaces an older version of the same chunk)."""
         arrays = chunk.to_arrays()
-        return _atomic(self.chunk_path(chunk.number), lambda handle: np.savez(handle, **arrays))
+        return atomic_write(
+            self.chunk_path(chunk.number), lambda handle: np.savez(handle, **arrays)
+        )
 
     def set_aside_damaged(self, log=print) -> list[Path]:
         """Move every damaged chunk to ``chunks/damaged/`` (its images are then explained
@@ -627,9 +464,9 @@ class RunStore:
         """Store the selection's mean image ``(C, *S)`` with the selection it belongs to."""
         arrays = {
             "mean": np.asarray(mean, np.float64),
-            "digest": np.asarray(self.selection_digest()),
+            "digest": np.asarray(self.selectionarray_digest()),
         }
-        _atomic(self.root / "mean_image.npz", lambda handle: np.savez(handle, **arrays))
+        atomic_write(self.root / "mean_image.npz", lambda handle: np.savez(handle, **arrays))
 
     def mean_image(self) -> np.ndarray | None:
         """Mean ``(C, *S)`` float64 of every selected explained image: from the chunks'
@@ -648,7 +485,7 @@ class RunStore:
         stored = self.root / "mean_image.npz"
         if stored.is_file():
             with np.load(stored, allow_pickle=False) as data:
-                if str(data["digest"]) == self.selection_digest():
+                if str(data["digest"]) == self.selectionarray_digest():
                     return data["mean"]
         return None
 

@@ -1,0 +1,127 @@
+"""One chunk of a run: the maps and facts of a few explained images, with checksums
+(the fields are described in :mod:`medexplain.runs.store`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Chunk", "array_digest"]
+
+
+def array_digest(array: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes."""
+    array = np.ascontiguousarray(array)
+    h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    h.update(array.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Chunk:
+    """The explained images of one chunk (see the module docstring for the fields).
+
+    ``errors`` holds ``(index, path, reason, key)`` of the images that failed.
+    """
+
+    number: int
+    index: np.ndarray
+    maps: np.ndarray
+    label: np.ndarray
+    pred: np.ndarray
+    target: np.ndarray
+    logits: np.ndarray
+    affine: np.ndarray
+    path: np.ndarray
+    key: np.ndarray | None = None
+    image_sum: np.ndarray | None = None
+    image_count: int = 0
+    errors: list[tuple[int, str, str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.key is None:  # stores written without keys: the path is the key
+            self.key = np.asarray(self.path, dtype=np.str_)
+        self.errors = [
+            (int(e[0]), str(e[1]), str(e[2]), str(e[3]) if len(e) > 3 else str(e[1]))
+            for e in self.errors
+        ]
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def finished(self) -> set[str]:
+        """Keys this chunk settled: explained or recorded as an error."""
+        return {str(k) for k in self.key} | {e[3] for e in self.errors}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {
+            "index": np.asarray(self.index, dtype=np.int64),
+            "key": np.asarray(self.key, dtype=np.str_),
+            "maps": np.asarray(self.maps, dtype=np.float32),
+            "label": np.asarray(self.label),
+            "pred": np.asarray(self.pred),
+            "target": np.asarray(self.target, dtype=np.int64),
+            "logits": np.asarray(self.logits, dtype=np.float32),
+            "affine": np.asarray(self.affine, dtype=np.float64),
+            "path": np.asarray(self.path, dtype=np.str_),
+            "image_count": np.asarray(self.image_count, dtype=np.int64),
+            "err_index": np.asarray([e[0] for e in self.errors], dtype=np.int64),
+            "err_path": np.asarray([e[1] for e in self.errors], dtype=np.str_),
+            "err_reason": np.asarray([e[2] for e in self.errors], dtype=np.str_),
+            "err_key": np.asarray([e[3] for e in self.errors], dtype=np.str_),
+        }
+        if self.image_sum is not None:
+            arrays["image_sum"] = np.asarray(self.image_sum, dtype=np.float64)
+        digests = {name: array_digest(array) for name, array in arrays.items()}
+        arrays["digests"] = np.asarray(json.dumps(digests, sort_keys=True))
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, number: int, data: Mapping[str, np.ndarray]) -> Chunk:
+        keys = data.get("err_key")
+        errors = [
+            (int(i), str(p), str(r), str(keys[j]) if keys is not None else str(p))
+            for j, (i, p, r) in enumerate(
+                zip(data["err_index"], data["err_path"], data["err_reason"])
+            )
+        ]
+        return cls(
+            number=number,
+            index=data["index"],
+            maps=data["maps"],
+            label=data["label"],
+            pred=data["pred"],
+            target=data["target"],
+            logits=data["logits"],
+            affine=data["affine"],
+            path=data["path"],
+            key=data.get("key"),
+            image_sum=data.get("image_sum"),
+            image_count=int(data["image_count"]),
+            errors=errors,
+        )
+
+    def subset(self, rows: Sequence[int], index: Sequence[int]) -> Chunk:
+        """The chunk restricted to ``rows``, renumbered with manifest rows ``index``. The
+        image sum is kept only when every row is kept (it cannot be split)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        whole = len(rows) == len(self) and bool((rows == np.arange(len(self))).all())
+        return Chunk(
+            number=self.number,
+            index=np.asarray(index, dtype=np.int64),
+            maps=self.maps[rows] if self.maps.ndim > 1 else self.maps,
+            label=self.label[rows],
+            pred=self.pred[rows],
+            target=self.target[rows],
+            logits=self.logits[rows],
+            affine=self.affine[rows],
+            path=self.path[rows],
+            key=np.asarray(self.key)[rows],
+            image_sum=self.image_sum if whole else None,
+            image_count=self.image_count if whole else 0,
+        )

@@ -1,0 +1,334 @@
+"""``explain``: every image of a dataset explained into a resumable run folder."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..core.model import model_guard
+from ..core.progress import progress_bar
+from ..core.scores import default_targets, predict_classes
+from ..data.files import ImageDataset
+from ..data.manifest import duplicate_rows
+from ..data.readers import DataError
+from ..models.external import LoadedModel, _sha256
+from .chunk import Chunk
+from .errors import RunError
+from .settings import (
+    CHUNK_BYTES,
+    MAX_CHUNK,
+    TARGETS,
+    ExplainSettings,
+    group_names,
+    make_explainer,
+    open_data,
+    open_model,
+)
+from .store import RunStore
+
+__all__ = ["explain_run"]
+
+
+def _identity(settings: ExplainSettings, model: LoadedModel, dataset: ImageDataset, chunk: int):
+    description = {k: v for k, v in model.describe().items() if k != "path"}
+    data = {k: v for k, v in dataset.describe().items() if k != "n_images"}
+    checkpoint = settings.explainer_checkpoint
+    return {
+        "model": description,
+        "data": data,
+        "method": settings.method,
+        "params": settings.params,
+        "explainer_checkpoint_sha256": None if checkpoint is None else _sha256(Path(checkpoint)),
+        "target": settings.target,
+        "chunk_size": chunk,
+    }
+
+
+def _first_item(dataset: ImageDataset) -> dict[str, Any]:
+    for i in range(len(dataset)):
+        item, _ = dataset.try_get(i)
+        if item is not None:
+            return item
+    raise DataError(f"none of the {len(dataset)} images of {dataset.manifest.source} can be read")
+
+
+def _explain_items(
+    model: LoadedModel,
+    explainer,
+    items: list[dict[str, Any]],
+    target_mode: str,
+    multilabel: bool,
+    batch_size: int,
+) -> tuple[list[dict[str, Any]], list[tuple[int, str, str, str]]]:
+    """Explain loaded items (each with its ``key``) in batches; returns per-image records
+    and ``(index, path, reason, key)`` errors."""
+    device = explainer.device
+    done, errors = [], []
+    for start in range(0, len(items), batch_size):
+        part = items[start : start + batch_size]
+        x = torch.stack([item["image"] for item in part]).to(device)
+        with model_guard(model), torch.no_grad():
+            logits = model(x).cpu().float()
+        finite = torch.isfinite(logits).all(1)
+        defaults = default_targets(torch.nan_to_num(logits))
+        preds = predict_classes(logits, multilabel).numpy()
+        if multilabel:
+            preds = preds.astype(np.float32)
+        targets, keep = [], []
+        for j, item in enumerate(part):
+            where = (item["index"], item["path"])
+            if not bool(finite[j]):
+                errors.append((*where, "the model returned non-finite logits", item["key"]))
+                continue
+            if target_mode == "predicted":
+                target = int(defaults[j])
+            elif target_mode == "label":
+                target = int(item["label"])
+                if target < 0:
+                    errors.append((*where, "no label for --target label", item["key"]))
+                    continue
+            else:
+                target = int(target_mode)
+            targets.append(target)
+            keep.append(j)
+        if not keep:
+            continue
+        maps = explainer(x[keep], torch.tensor(targets, device=device)).cpu()
+        for row, j in enumerate(keep):
+            item = part[j]
+            if not bool(torch.isfinite(maps[row]).all()):
+                reason = "the explainer returned NaN or inf"
+                errors.append((item["index"], item["path"], reason, item["key"]))
+                continue
+            affine = item["affine"]
+            done.append(
+                {
+                    "index": item["index"],
+                    "key": item["key"],
+                    "path": item["path"],
+                    "map": maps[row].numpy(),
+                    "label": item["label"].numpy(),
+                    "pred": preds[j],
+                    "target": targets[row],
+                    "logits": logits[j].numpy(),
+                    "affine": affine if affine is not None else np.full((4, 4), np.nan),
+                    "image": item["image"],
+                }
+            )
+    return done, errors
+
+
+def _build_chunk(
+    number: int, records: list[dict[str, Any]], errors: list, spatial, k: int
+) -> Chunk:
+    def stack(name: str, empty: np.ndarray) -> np.ndarray:
+        return np.stack([r[name] for r in records]) if records else empty
+
+    image_sum = None
+    if records:
+        image_sum = torch.stack([r["image"] for r in records]).sum(0, dtype=torch.float64).numpy()
+    return Chunk(
+        number=number,
+        index=np.asarray([r["index"] for r in records], dtype=np.int64),
+        key=np.asarray([r["key"] for r in records], dtype=np.str_),
+        maps=stack("map", np.zeros((0, 1, *spatial), np.float32)).astype(np.float32),
+        label=stack("label", np.zeros((0,), np.int64)),
+        pred=stack("pred", np.zeros((0,), np.int64)),
+        target=np.asarray([r["target"] for r in records], dtype=np.int64),
+        logits=stack("logits", np.zeros((0, k))),
+        affine=stack("affine", np.zeros((0, 4, 4))),
+        path=np.asarray([r["path"] for r in records], dtype=np.str_),
+        image_sum=image_sum,
+        image_count=len(records),
+        errors=sorted(errors),
+    )
+
+
+def _selection(dataset: ImageDataset, n: int, log) -> tuple[list[str], list[int]]:
+    """Keys and manifest rows of the first ``n`` rows, each image once (exact repeats are
+    reported and skipped; the same image with two labels is a DataError)."""
+    repeats, conflicts = duplicate_rows(dataset.manifest)
+    source = dataset.manifest.source or "the data"
+    if conflicts:
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise DataError(f"{source}: {conflicts[0]}{more}")
+    skipped = {i for i, _ in repeats if i < n}
+    if skipped:
+        examples = ", ".join(f"row {i} repeats row {j}" for i, j in repeats if i < n)
+        log(
+            f"warning: {len(skipped)} duplicate row(s) in {source} ({examples[:200]}); "
+            "each image is explained and counted once"
+        )
+    keys = dataset.item_keys()
+    rows = [i for i in range(n) if i not in skipped]
+    return [keys[i] for i in rows], rows
+
+
+def _selection_mean(store: RunStore, dataset: ImageDataset) -> np.ndarray | None:
+    """Mean image of the selected explained images: the chunks' sums where a chunk is
+    wholly selected, the images re-read where it is not."""
+    total, count = None, 0
+    for chunk in store.iter_chunks(maps=False):
+        if len(chunk) == 0:
+            continue
+        if chunk.image_sum is not None and chunk.image_count:
+            parts = [(chunk.image_sum, chunk.image_count)]
+        else:
+            parts = []
+            for index in chunk.index.tolist():
+                item, _ = dataset.try_get(int(index))
+                if item is not None:
+                    parts.append((item["image"].double().numpy(), 1))
+        for value, n in parts:
+            total = value.copy() if total is None else total + value
+            count += n
+    return None if total is None else total / count
+
+
+@dataclass
+class _Prepared:
+    """Everything ``explain`` opens and checks before it touches the run folder."""
+
+    model: LoadedModel
+    dataset: ImageDataset
+    explainer: Any
+    record: dict[str, Any]
+    identity: dict[str, Any]
+    spatial: tuple[int, ...]
+    outputs: int
+    chunk_size: int
+    keys: list[str]
+    rows: list[int]
+    n_rows: int
+
+
+def _prepare(settings: ExplainSettings, store: RunStore, log) -> _Prepared:
+    """Open and check the model, data and explainer; nothing is written yet."""
+    settings.absolute().check()
+    store.check_inputs(settings.inputs())
+    model = open_model(settings)
+    dataset = open_data(settings, model)
+    store.check_files(dataset.paths + [str(r.mask) for r in dataset.records if r.mask])
+    first = _first_item(dataset)
+    if model.labels is None or model.input_shape is None:
+        model.validate(first["image"][None])
+    outputs = len(model.labels)
+    if dataset.multilabel and settings.target == "label":
+        raise RunError("--target label needs single-label data; use 'predicted' or a class index")
+    if settings.target not in TARGETS and not 0 <= int(settings.target) < outputs:
+        raise RunError(f"--target {settings.target} is not a class index in [0, {outputs})")
+    spatial = tuple(first["image"].shape[1:])
+    chunk_size = settings.chunk_size or max(
+        1, min(MAX_CHUNK, CHUNK_BYTES // (4 * math.prod(spatial)))
+    )
+    explainer = make_explainer(settings, model)
+    n = len(dataset) if settings.limit is None else min(int(settings.limit), len(dataset))
+    keys, rows = _selection(dataset, n, log)
+    record = {
+        "medexplain_version": __version__,
+        "settings": asdict(settings),
+        "model": model.describe(),
+        "data": dataset.describe(),
+        "class_names": group_names(dataset, model, outputs),
+        "multilabel": dataset.multilabel,
+        "spatial_shape": list(spatial),
+        "channels": int(first["image"].shape[0]),
+        "signed": bool(explainer.signed),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    identity = _identity(settings, model, dataset, chunk_size)
+    return _Prepared(
+        model, dataset, explainer, record, identity, spatial, outputs, chunk_size, keys, rows, n
+    )
+
+
+def _explain_missing(
+    store: RunStore, run: _Prepared, settings: ExplainSettings, progress: bool, log
+) -> int:
+    """Explain the selected keys no chunk holds, one new chunk at a time; returns how many
+    images were explained."""
+    done_keys = store.stored_keys()
+    missing = [(key, row) for key, row in zip(run.keys, run.rows) if key not in done_keys]
+    number = store.next_chunk_number()
+    computed = 0
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"{settings.method:>16}", total=len(run.keys))
+        bar.advance(task, len(run.keys) - len(missing))
+        for begin in range(0, len(missing), run.chunk_size):
+            part = missing[begin : begin + run.chunk_size]
+            items, errors = [], []
+            for key, row in part:
+                item, error = run.dataset.try_get(row)
+                if item is None:
+                    errors.append((row, str(run.dataset.records[row].path), error, key))
+                else:
+                    items.append({**item, "key": key})
+            done, bad = _explain_items(
+                run.model,
+                run.explainer,
+                items,
+                settings.target,
+                run.dataset.multilabel,
+                settings.batch_size,
+            )
+            errors += bad
+            store.write_chunk(_build_chunk(number, done, errors, run.spatial, run.outputs))
+            number += 1
+            computed += len(done)
+            for row, path, reason, _ in errors:
+                log(f"skipped image {row} ({path}): {reason}")
+            bar.advance(task, len(part))
+    return computed
+
+
+def explain_run(
+    settings: ExplainSettings,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    """Explain ``settings.data`` into the run folder ``out``, resuming what is there.
+
+    Images are matched to stored maps by key (path, file stamp, label), so a reordered,
+    extended or shortened manifest resumes; damaged chunks are set aside and recomputed.
+    Returns a summary ``{"n_images", "n_done", "n_errors", "n_computed", "n_duplicates",
+    "seconds"}``. Raises RunError (different settings, busy run, an input inside ``out``),
+    DataError, ModelError.
+    """
+    start = time.perf_counter()
+    store = RunStore(out)
+    run = _prepare(settings, store, log)
+    store.initialise_check()
+    with store.lock():
+        store.initialise(run.record, run.identity, overwrite=overwrite, inputs=settings.inputs())
+        store.update_record(settings=asdict(settings), data=run.dataset.describe())
+        store.remove_partial()
+        store.set_aside_damaged(log)
+        store.write_selection(run.keys, run.rows)
+        computed = _explain_missing(store, run, settings, progress, log)
+        all_errors = store.errors()
+        store.write_errors_csv(all_errors)
+        store.write_items_csv()
+        if store.mean_image() is None and store.partial_chunks():
+            mean = _selection_mean(store, run.dataset)
+            if mean is not None:
+                store.write_mean_image(mean)
+        summary = {
+            "n_images": len(run.keys),
+            "n_done": store.count(),
+            "n_errors": len(all_errors),
+            "n_computed": computed,
+            "n_duplicates": run.n_rows - len(run.keys),
+            "seconds": time.perf_counter() - start,
+        }
+        store.update_record(last_explain=summary)
+    return summary
