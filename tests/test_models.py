@@ -22,13 +22,8 @@ from medexplain.models.checkpoint import (
     save_checkpoint,
 )
 from medexplain.models.cnn import CNNConfig, SmallCNN, build_classifier
-from medexplain.models.train import (
-    evaluate_classifier,
-    recalibrate_batch_norm,
-    seed_everything,
-    train_classifier,
-    train_loop,
-)
+from medexplain.models.loop import seed_everything, train_loop
+from medexplain.models.train import evaluate_classifier, recalibrate_batch_norm, train_classifier
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,10 +1,7 @@
-"""One training loop for every learned piece of medexplain, and classifier helpers on top.
+"""Classifier training, evaluation and BatchNorm recalibration on top of the one loop.
 
-:func:`train_loop` is generic: it knows nothing about classification. A caller gives it a
-module, ``loss_fn(batch) -> scalar`` and an iterable of batches; the classifier
-(:func:`train_classifier`) and the learned explainers (generators, warping simulators)
-all train through it, so early stopping, time limits, seeding and progress behave the
-same everywhere.
+Training goes through :func:`medexplain.models.loop.train_loop`, the loop every learned
+piece of medexplain shares (early stopping, time limits, seeding, progress).
 
 Datasets for :func:`train_classifier` / :func:`evaluate_classifier` yield either tuples
 ``(image, label, ...)`` or dicts with an image key (``"image"``, ``"x"`` or ``"input"``)
@@ -15,11 +12,7 @@ labels are integer class indices.
 from __future__ import annotations
 
 import math
-import random
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,221 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..core.model import model_device, model_guard
-from ..core.progress import progress_bar
 from ..core.ranks import rank_auroc
 from ..core.scores import predict_classes
+from .loop import TrainHistory, train_loop
 
 IMAGE_KEYS = ("image", "x", "input")
 LABEL_KEYS = ("label", "y", "target")
-
-
-@dataclass
-class TrainHistory:
-    """What :func:`train_loop` did.
-
-    ``train_loss[e]`` is the mean of the step losses of epoch ``e``; ``val_metric[e]`` the
-    value of ``val_fn`` after that epoch (empty without ``val_fn``). ``best_epoch`` is the
-    0-based epoch whose weights the module holds at the end (the last epoch without
-    ``val_fn``). ``stopped_early`` is True when patience or ``max_seconds`` ended training
-    before ``epochs``; ``stop_reason`` says which ("completed", "patience" or "time").
-    """
-
-    train_loss: list[float]
-    val_metric: list[float]
-    best_epoch: int
-    seconds: float
-    stopped_early: bool
-    stop_reason: str = "completed"
-    steps: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every GPU)."""
-    seed = int(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@contextmanager
-def _seeded(module: nn.Module, seed: int) -> Iterator[None]:
-    """Seed torch's RNG for the block (dropout, global-RNG shuffling) and restore the
-    caller's RNG state afterwards, so training is deterministic without touching global
-    state."""
-    device = model_device(module)
-    if device.type == "cpu":
-        fork = torch.random.fork_rng(devices=[])
-    else:
-        index = device.index if device.index is not None else 0
-        fork = torch.random.fork_rng(devices=[index], device_type=device.type)
-    with fork:
-        torch.manual_seed(int(seed))
-        yield
-
-
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value is None or (value < 0 if allow_zero else value <= 0):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-
-
-def train_loop(
-    module: nn.Module,
-    loss_fn: Callable[[Any], torch.Tensor],
-    train_loader: Iterable,
-    *,
-    val_fn: Callable[[], float] | None = None,
-    higher_is_better: bool = True,
-    epochs: int = 20,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    patience: int | None = 5,
-    max_seconds: float | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    description: str = "training",
-    parameters: Iterable[nn.Parameter] | None = None,
-) -> TrainHistory:
-    """Train ``module`` with Adam on ``loss_fn(batch)`` for every batch of ``train_loader``.
-
-    - ``module.train()`` during the steps; ``module.eval()`` and ``torch.no_grad()`` while
-      ``val_fn()`` runs after every epoch (use ``torch.enable_grad()`` inside ``val_fn`` if
-      it needs gradients). ``train()``/``eval()`` reach every submodule: keep frozen
-      networks (e.g. the classifier an explainer learns from) outside ``module`` and call
-      them from ``loss_fn``.
-    - With ``val_fn``: the best epoch (by ``higher_is_better``; NaN never counts as best)
-      is remembered and its ``state_dict`` restored at the end, whatever ended training.
-      Training stops after ``patience`` epochs in a row without improvement (``None``:
-      never stop on patience).
-    - ``max_seconds`` is checked before every optimisation step but an epoch's first: once
-      exceeded, the current (partial) epoch is closed (validated if ``val_fn``) and
-      training stops. At least one step always runs.
-    - ``train_loader`` is iterated once per epoch, so it must be re-iterable (a
-      ``DataLoader``, a list of batches); a generator only lasts one epoch.
-    - ``seed`` seeds torch's RNG inside the loop (dropout, loaders that shuffle with the
-      global RNG); the caller's RNG state is restored afterwards.
-    - ``parameters`` restricts what Adam updates (default: every parameter of ``module``
-      that requires grad).
-
-    The module is left in eval mode. Returns a :class:`TrainHistory`.
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    if not callable(loss_fn):
-        raise TypeError("loss_fn must be callable: loss_fn(batch) -> scalar tensor")
-    if val_fn is not None and not callable(val_fn):
-        raise TypeError("val_fn must be callable: val_fn() -> float")
-    if int(epochs) < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    _check_positive("lr", lr)
-    _check_positive("weight_decay", weight_decay, allow_zero=True)
-    if patience is not None and int(patience) < 1:
-        raise ValueError(f"patience must be >= 1 or None, got {patience}")
-    if max_seconds is not None:
-        _check_positive("max_seconds", max_seconds, allow_zero=True)
-    params = list(parameters) if parameters is not None else list(module.parameters())
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("there is nothing to train: no parameter requires grad")
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-
-    try:
-        steps_per_epoch: int | None = len(train_loader)  # type: ignore[arg-type]
-    except TypeError:
-        steps_per_epoch = None
-    total = int(epochs) * steps_per_epoch if steps_per_epoch else int(epochs)
-
-    history = TrainHistory(
-        train_loss=[], val_metric=[], best_epoch=-1, seconds=0.0, stopped_early=False
-    )
-    best_value: float | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs = 0
-    start = time.perf_counter()
-
-    def out_of_time() -> bool:
-        return max_seconds is not None and time.perf_counter() - start > max_seconds
-
-    with _seeded(module, seed), progress_bar(progress) as bar:
-        task = bar.add_task(description, total=total, status="")
-        for epoch in range(int(epochs)):
-            if epoch > 0 and out_of_time():
-                history.stopped_early, history.stop_reason = True, "time"
-                break
-            module.train()
-            losses: list[float] = []
-            timed_out = False
-            for batch in train_loader:
-                if losses and out_of_time():
-                    timed_out = True
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(batch)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise TypeError("loss_fn must return a scalar tensor")
-                if not torch.isfinite(loss.detach()).all():
-                    raise FloatingPointError(
-                        f"{description}: loss is {loss.item()} at epoch {epoch}, step "
-                        f"{len(losses)}; lower lr or check the data"
-                    )
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                history.steps += 1
-                if steps_per_epoch:
-                    bar.update(task, advance=1, status=f"loss {losses[-1]:.4f}")
-            if not losses:
-                advice = ": pass a re-iterable (a DataLoader, a list), not a generator"
-                raise ValueError(
-                    f"train_loader yielded no batches in epoch {epoch}" + (advice if epoch else "")
-                )
-            history.train_loss.append(float(np.mean(losses)))
-
-            improved = False
-            if val_fn is not None:
-                module.eval()
-                with torch.no_grad():
-                    value = float(val_fn())
-                history.val_metric.append(value)
-                if not math.isnan(value) and (
-                    best_value is None
-                    or (value > best_value if higher_is_better else value < best_value)
-                ):
-                    improved = True
-                    best_value = value
-                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-                    history.best_epoch = epoch
-                    bad_epochs = 0
-                else:
-                    bad_epochs += 1
-            else:
-                history.best_epoch = epoch
-            status = f"epoch {epoch + 1}/{epochs} loss {history.train_loss[-1]:.4f}"
-            if val_fn is not None:
-                status += f" val {history.val_metric[-1]:.4f}" + (" *" if improved else "")
-            if steps_per_epoch:
-                bar.update(task, status=status)
-            else:
-                bar.update(task, advance=1, status=status)
-            if timed_out:
-                history.stopped_early, history.stop_reason = True, "time"
-                break
-            if patience is not None and val_fn is not None and bad_epochs >= int(patience):
-                history.stopped_early = epoch + 1 < int(epochs)
-                history.stop_reason = "patience"
-                break
-        if steps_per_epoch:
-            bar.update(task, completed=total)
-
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    elif val_fn is not None:
-        # every validation was NaN: keep the last weights and say so.
-        history.best_epoch = len(history.train_loss) - 1
-    module.eval()
-    history.seconds = time.perf_counter() - start
-    return history
 
 
 # --------------------------------------------------------------------------- classifiers
@@ -334,6 +118,7 @@ def _classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 MONITORS = ("accuracy", "loss")
 
 
+# Longer than 80 lines only through its signature and docstring (the body is ~55 lines).
 def train_classifier(
     model: nn.Module,
     train: Dataset,

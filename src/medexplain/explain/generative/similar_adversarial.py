@@ -333,7 +333,7 @@ class SimilarAdversarial(Explainer):
         the images' channels and dimensionality with weights seeded by ``seed``. ``out``
         saves a checkpoint. The model is left exactly as found.
         """
-        from ...models.train import train_loop
+        from ...models.loop import train_loop
 
         if not hasattr(dataset, "__len__") or len(dataset) == 0:
             raise ValueError("dataset must be a non-empty map-style Dataset of (image, label)")

@@ -57,7 +57,7 @@ from ...core.model import model_guard
 from ...core.scores import chunked
 from ...models.checkpoint import load_checkpoint, register_builder, save_checkpoint
 from ...models.fingerprint import check_classifier, classifier_record
-from ...models.train import TrainHistory, train_loop
+from ...models.loop import TrainHistory, train_loop
 from ..base import Explainer, register
 from .warp_network import (
     WarpSimulator,
