@@ -14,7 +14,7 @@ import torch
 
 from ..core.model import model_device, model_guard
 from ..core.progress import progress_bar
-from ..core.scores import default_targets
+from ..core.scores import chunked, default_targets
 from .base import Explainer
 
 
@@ -40,12 +40,7 @@ def predicted_classes(
     (:func:`medexplain.core.scores.default_targets`), with the model in eval mode."""
     device = model_device(model)
     with model_guard(model):
-        logits = torch.cat(
-            [
-                model(images[i : i + batch_size].to(device)).cpu()
-                for i in range(0, len(images), batch_size)
-            ]
-        )
+        logits = chunked(lambda part: model(part.to(device)).cpu(), images, batch_size)
     return default_targets(logits)
 
 
