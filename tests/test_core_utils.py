@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medexplain.core.errors import one_line
+from medexplain.core.errors import one_line, typed_line
 from medexplain.core.perturb import check_baseline, make_baseline
 from medexplain.core.scores import as_targets, chunked, default_targets, predict_classes
 from medexplain.core.serialise import json_safe
@@ -104,3 +104,8 @@ def test_one_line():
     assert one_line(ValueError("first line\nsecond line")) == "first line"
     assert one_line(ValueError("  \n padded \n")) == "padded"
     assert one_line(KeyError()) == "KeyError"
+
+
+def test_typed_line():
+    assert typed_line(ValueError("bad header \nmore")) == "ValueError: bad header"
+    assert typed_line(OSError()) == "OSError"

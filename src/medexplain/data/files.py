@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..core.errors import one_line
 from ..core.spatial import check_dims, resize
 from .manifest import (
     Manifest,
@@ -179,11 +180,6 @@ class _Reference:
     shape: tuple[int, ...]
     lr_axis: int
     meta: ImageMeta
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 class ImageDataset(Dataset):
@@ -348,7 +344,7 @@ class ImageDataset(Dataset):
                 try:
                     array, meta = load_image(record.path, spatial_dims=self._spatial_dims)
                 except DataError as error:
-                    errors.append(_one_line(error))
+                    errors.append(one_line(error))
                     continue
                 dims = array.ndim - 1
                 self._reference_cache = _Reference(
@@ -532,7 +528,7 @@ class ImageDataset(Dataset):
         try:
             return self[index], None
         except DataError as error:
-            return None, _one_line(error)
+            return None, one_line(error)
 
     collate = staticmethod(collate)
 

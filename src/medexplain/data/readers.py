@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import typed_line
+
 
 class DataError(ValueError):
     """Bad input data: a missing, unreadable or inconsistent file, or a bad manifest.
@@ -62,13 +64,6 @@ class ImageMeta:
     affine: np.ndarray | None = None
     value_range: tuple[float, float] | None = None
     lr_axis: int = -1
-
-
-def _reason(error: BaseException) -> str:
-    """First line of an exception's message, for one-line errors."""
-    text = str(error).strip()
-    first = text.splitlines()[0].strip() if text else ""
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _check_file(path: Path) -> None:
@@ -137,7 +132,7 @@ def read_pil(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
         ) from None
     except Exception as error:  # Pillow plugins raise many types for damaged files
         raise DataError(
-            f"cannot read {path}: corrupt or truncated image ({_reason(error)})"
+            f"cannot read {path}: corrupt or truncated image ({typed_line(error)})"
         ) from error
     if len({f.shape for f in frames}) != 1:
         raise DataError(f"cannot read {path}: its pages have different sizes or modes")
@@ -167,7 +162,7 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
         data = np.asarray(image.get_fdata(dtype=np.float32))
         affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as error:  # nibabel raises many types for corrupt files
-        raise DataError(f"cannot read {path} as NIfTI: {_reason(error)}") from error
+        raise DataError(f"cannot read {path} as NIfTI: {typed_line(error)}") from error
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 3 and data.shape[2] == 1:
@@ -208,7 +203,7 @@ def _dicom_dataset(path: Path):
     except InvalidDicomError:
         raise DataError(f"cannot read {path}: not a valid DICOM file (no DICM header)") from None
     except Exception as error:
-        raise DataError(f"cannot read {path} as DICOM: {_reason(error)}") from error
+        raise DataError(f"cannot read {path} as DICOM: {typed_line(error)}") from error
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DataError(f"DICOM file {path} has no pixel data (not an image)")
     return ds
@@ -250,7 +245,7 @@ def _dicom_pixels(ds, path: Path) -> tuple[np.ndarray, tuple[float, float] | Non
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         raise DataError(
             f"cannot decode the pixels of DICOM file {path} (transfer syntax "
-            f"{getattr(syntax, 'name', syntax)}): {_reason(error)}"
+            f"{getattr(syntax, 'name', syntax)}): {typed_line(error)}"
         ) from error
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -277,7 +272,8 @@ def _dicom_pixels(ds, path: Path) -> tuple[np.ndarray, tuple[float, float] | Non
                     ends = np.asarray(apply_modality_lut(np.array([lo, hi], raw.dtype), ds))
             except Exception as error:
                 raise DataError(
-                    f"cannot apply the rescale/modality LUT of DICOM file {path}: {_reason(error)}"
+                    f"cannot apply the rescale/modality LUT of DICOM file {path}: "
+                    f"{typed_line(error)}"
                 ) from error
             value_range = (float(ends.min()), float(ends.max()))
         if photometric == "MONOCHROME1":
@@ -405,9 +401,9 @@ def read_npy(
                 f"{path} holds Python objects (a pickled array); medexplain only loads plain "
                 "numeric .npy arrays (np.save of a numeric array)"
             ) from error
-        raise DataError(f"cannot read {path} as .npy: {_reason(error)}") from error
+        raise DataError(f"cannot read {path} as .npy: {typed_line(error)}") from error
     except Exception as error:
-        raise DataError(f"cannot read {path} as .npy: {_reason(error)}") from error
+        raise DataError(f"cannot read {path} as .npy: {typed_line(error)}") from error
     if not isinstance(data, np.ndarray) or data.dtype.kind not in "biuf":
         raise DataError(f"{path} holds dtype {getattr(data, 'dtype', '?')}; expected numbers")
     value_range = _INT_RANGES.get(data.dtype)

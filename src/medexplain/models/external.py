@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import typed_line
+
 ACTIVATIONS = ("softmax", "sigmoid")
 CONFIG_KEYS = ("labels", "activation", "input", "factory", "factory_kwargs")
 INPUT_KEYS = ("shape", "mean", "std")
@@ -56,12 +58,6 @@ INPUT_KEYS = ("shape", "mean", "std")
 class ModelError(ValueError):
     """A model that cannot be loaded or used as stated; one-line message naming the file or
     argument and what was expected."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    first = text.splitlines()[0].strip() if text else ""
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 # --------------------------------------------------------------------------- config
@@ -100,7 +96,7 @@ def read_model_config(config: str | os.PathLike | Mapping[str, Any] | None) -> d
         try:
             config = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
-            raise ModelError(f"{where} is not valid YAML: {_first_line(error)}") from error
+            raise ModelError(f"{where} is not valid YAML: {typed_line(error)}") from error
         if config is None:
             return out
     if not isinstance(config, Mapping):
@@ -311,8 +307,7 @@ class LoadedModel(nn.Module):
             raise
         except Exception as error:
             raise ModelError(
-                f"the model failed on an input of shape {tuple(example.shape)}: "
-                f"{_first_line(error)}"
+                f"the model failed on an input of shape {tuple(example.shape)}: {typed_line(error)}"
             ) from error
         finally:
             self.train(was_training)
@@ -386,7 +381,7 @@ def _import_factory(spec: str) -> Any:
         raise
     except Exception as error:
         raise ModelError(
-            f"cannot import the factory module {module_name!r}: {_first_line(error)}"
+            f"cannot import the factory module {module_name!r}: {typed_line(error)}"
         ) from error
     target: Any = module
     for part in attribute.split("."):
@@ -426,7 +421,7 @@ def _torch_load(path: Path) -> Any:
     except Exception as error:
         raise ModelError(
             f"cannot read {path}: not a TorchScript file, state dict or medexplain checkpoint "
-            f"({_first_line(error)})"
+            f"({typed_line(error)})"
         ) from error
 
 
@@ -470,7 +465,7 @@ def _load_state(net: nn.Module, state: Mapping[str, torch.Tensor], path: Path, s
         detail = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
         raise ModelError(
             f"the weights in {path} do not fit the network built by {spec}: "
-            f"{detail[0] if detail else _first_line(error)}"
+            f"{detail[0] if detail else typed_line(error)}"
         ) from error
 
 
@@ -546,16 +541,14 @@ def load_model(
                 warnings.simplefilter("ignore", DeprecationWarning)
                 net = torch.jit.load(str(path), map_location=device)
         except Exception as error:
-            raise ModelError(
-                f"cannot load TorchScript file {path}: {_first_line(error)}"
-            ) from error
+            raise ModelError(f"cannot load TorchScript file {path}: {typed_line(error)}") from error
         source["kind"] = "torchscript"
     elif factory is not None:
         build = _import_factory(str(factory))
         try:
             net = build(**kwargs)
         except Exception as error:
-            raise ModelError(f"factory {factory} failed: {_first_line(error)}") from error
+            raise ModelError(f"factory {factory} failed: {typed_line(error)}") from error
         if not isinstance(net, nn.Module):
             raise ModelError(
                 f"factory {factory} returned a {type(net).__name__}, not a torch.nn.Module"
@@ -581,7 +574,7 @@ def load_model(
         try:
             net, extra = load_checkpoint(path, device)
         except (ValueError, FileNotFoundError) as error:
-            raise ModelError(_first_line(error).split(": ", 1)[-1]) from error
+            raise ModelError(typed_line(error).split(": ", 1)[-1]) from error
         extra_labels = extra.get("class_names")
         source["kind"] = "medexplain-checkpoint"
     model = LoadedModel(
