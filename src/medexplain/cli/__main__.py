@@ -1,0 +1,5 @@
+"""``python -m medexplain.cli``."""
+
+from . import main
+
+main()

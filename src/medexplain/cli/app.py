@@ -1,0 +1,124 @@
+"""The Typer app, its shared options and the one-line error handling every command uses."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..core.errors import one_line
+
+app = typer.Typer(
+    name="medexplain",
+    help="Explain image classifiers, medical images first.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from medexplain import __version__
+
+        typer.echo(f"medexplain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Explain image classifiers, medical images first."""
+
+
+def fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def guard(fn):
+    """Turn the errors a user causes (bad files, arguments, run folders) into one line on
+    stderr and exit code 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ..data.readers import DataError
+        from ..models.checkpoint import CheckpointError
+        from ..models.external import ModelError
+        from ..runs.errors import RunError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, ModelError, CheckpointError, RunError) as error:
+            raise fail(one_line(error)) from None
+        except FileNotFoundError as error:
+            raise fail(one_line(error)) from None
+
+    return wrapper
+
+
+def parse_params(values: list[str] | None) -> dict:
+    """``key=value`` pairs; values are read as YAML scalars/lists (``n_steps=32``,
+    ``baseline=blur``, ``widths=[8,16]``)."""
+    import yaml
+
+    params = {}
+    for text in values or []:
+        if "=" not in text:
+            raise typer.BadParameter(f"--param expects key=value, got {text!r}")
+        key, value = text.split("=", 1)
+        try:
+            params[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            params[key.strip()] = value
+    return params
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(s) for s in text.lower().replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"--shape must look like 64,64 or 32x32x32, got {text!r}"
+        ) from None
+    if len(shape) not in (2, 3):
+        raise typer.BadParameter(f"--shape needs 2 or 3 sizes, got {text!r}")
+    return shape
+
+
+ModelOpt = Annotated[
+    Path | None,
+    typer.Option(help="Model file: TorchScript, state dict (+ --model-factory) or checkpoint."),
+]
+FactoryOpt = Annotated[
+    str | None, typer.Option(help="'module:function' building the network of a state dict.")
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option(help="Model YAML: labels, activation, input shape/mean/std.")
+]
+DataOpt = Annotated[Path, typer.Option(help="CSV manifest or folder of images.")]
+ShapeOpt = Annotated[
+    str | None, typer.Option(help="Resample every image to this shape, e.g. 224,224.")
+]
+NormaliseOpt = Annotated[
+    str, typer.Option(help="Intensity normalisation: none, minmax, zscore, percentile, range.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda:0.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars with ETA.")]
+
+
+def main() -> None:
+    """The ``medexplain`` console script."""
+    app()

@@ -1,0 +1,171 @@
+"""``fit``: learned explainers fitted on the user's data (or the benchmark)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import (
+    ConfigOpt,
+    DeviceOpt,
+    FactoryOpt,
+    ModelOpt,
+    NormaliseOpt,
+    ProgressOpt,
+    ShapeOpt,
+    app,
+    console,
+    fail,
+    guard,
+    parse_params,
+    parse_shape,
+)
+
+# --------------------------------------------------------------------------- fit
+
+fit_app = typer.Typer(help="Fit a learned explainer and save its checkpoint.", no_args_is_help=True)
+app.add_typer(fit_app, name="fit")
+
+
+class _ImagesLabels:
+    """(image, label) items of an ImageDataset, for the fitting loops' DataLoaders."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return item["image"], item["label"]
+
+
+def _fit_inputs(model, model_factory, model_config, data, shape, normalise, device, seconds):
+    """(model, train, val) from the user's files, or the built-in benchmark + a freshly
+    trained classifier when neither --model nor --data is given."""
+    import torch
+
+    if model is None and model_factory is None and data is None:
+        from ..data.synthetic import make_benchmark
+        from ..models.cnn import CNNConfig, build_classifier
+        from ..models.train import train_classifier
+
+        bench = make_benchmark(600, seed=0)
+        train, val, _ = bench.split(seed=0)
+        net = build_classifier(CNNConfig(num_classes=len(bench.class_names), widths=(8, 16, 32)))
+        train_classifier(
+            net, train.dataset(), val.dataset(), epochs=8, max_seconds=seconds, device=device
+        )
+        return net.eval(), train.dataset(), val.dataset()
+    if data is None or (model is None and model_factory is None):
+        raise fail("give both --model (or --model-factory) and --data, or neither (benchmark)")
+    from ..runs import ExplainSettings, open_data, open_model
+
+    settings = ExplainSettings(
+        data=str(data),
+        method="",
+        model=None if model is None else str(model),
+        model_factory=model_factory,
+        model_config=None if model_config is None else str(model_config),
+        shape=parse_shape(shape),
+        normalise=normalise,
+        device=device,
+    )
+    loaded = open_model(settings)
+    dataset = open_data(settings, loaded)
+    n_val = max(1, len(dataset) // 10)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    from torch.utils.data import Subset
+
+    items = _ImagesLabels(dataset)
+    return loaded, Subset(items, order[n_val:]), Subset(items, order[:n_val])
+
+
+@fit_app.command("similar-adversarial")
+@guard
+def fit_similar_adversarial_command(
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write.")],
+    model: ModelOpt = None,
+    model_factory: FactoryOpt = None,
+    model_config: ConfigOpt = None,
+    data: Annotated[Path | None, typer.Option(help="CSV manifest or folder.")] = None,
+    shape: ShapeOpt = None,
+    normalise: NormaliseOpt = "none",
+    param: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
+    max_seconds: Annotated[float, typer.Option(help="Training time cap.")] = 300.0,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: DeviceOpt = "cpu",
+    progress: ProgressOpt = True,
+) -> None:
+    """Fit the similar/adversarial generator explainer for a classifier.
+
+    Without --model and --data it fits on the built-in benchmark with a freshly trained
+    classifier.
+
+    Example: medexplain fit similar-adversarial --model cnn.pt --data train.csv --out sa.ckpt
+    """
+    from ..explain.generative.similar_adversarial import fit_similar_adversarial
+
+    net, train, val = _fit_inputs(
+        model, model_factory, model_config, data, shape, normalise, device, max_seconds
+    )
+    fit_similar_adversarial(
+        net,
+        train,
+        val,
+        out=out,
+        max_seconds=max_seconds,
+        seed=seed,
+        progress=progress,
+        **parse_params(param),
+    )
+    console.print(f"[green]done[/green]: {out}")
+
+
+@fit_app.command("warp-simulator")
+@guard
+def fit_warp_simulator_command(
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write.")],
+    model: ModelOpt = None,
+    model_factory: FactoryOpt = None,
+    model_config: ConfigOpt = None,
+    data: Annotated[Path | None, typer.Option(help="CSV manifest or folder.")] = None,
+    shape: ShapeOpt = None,
+    normalise: NormaliseOpt = "none",
+    target_class: Annotated[
+        int | None, typer.Option(help="Class to inject/remove (default: every class).")
+    ] = None,
+    param: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
+    max_seconds: Annotated[float, typer.Option(help="Training time cap.")] = 300.0,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: DeviceOpt = "cpu",
+    progress: ProgressOpt = True,
+) -> None:
+    """Fit the warping simulator explainer (anatomy shrinks/grows) for a classifier.
+
+    Without --model and --data it fits on the built-in benchmark with a freshly trained
+    classifier.
+
+    Example: medexplain fit warp-simulator --model cnn3d.pt --model-factory lab.nets:cnn3d
+    --data t1.csv --out sim.ckpt
+    """
+    from ..explain.generative.warp_simulator import fit_warp_simulator
+
+    net, train, val = _fit_inputs(
+        model, model_factory, model_config, data, shape, normalise, device, max_seconds
+    )
+    fit_warp_simulator(
+        net,
+        train,
+        val,
+        target_class=target_class,
+        out=out,
+        max_seconds=max_seconds,
+        seed=seed,
+        progress=progress,
+        **parse_params(param),
+    )
+    console.print(f"[green]done[/green]: {out}")

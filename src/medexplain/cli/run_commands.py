@@ -1,0 +1,289 @@
+"""``explain``, ``global``, ``evaluate``, ``report`` and ``check-alignment``: runs on the
+user's own data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import (
+    ConfigOpt,
+    DataOpt,
+    DeviceOpt,
+    FactoryOpt,
+    ModelOpt,
+    NormaliseOpt,
+    ProgressOpt,
+    ShapeOpt,
+    app,
+    console,
+    fail,
+    guard,
+    parse_params,
+    parse_shape,
+)
+
+
+# Over 80 lines only because Typer declares each of its 20 options in the signature.
+@app.command()
+@guard
+def explain(
+    data: DataOpt,
+    method: Annotated[str, typer.Option(help="Explainer name (see `medexplain methods`).")],
+    out: Annotated[Path, typer.Option(help="Run folder (created, or resumed).")],
+    model: ModelOpt = None,
+    model_factory: FactoryOpt = None,
+    model_config: ConfigOpt = None,
+    param: Annotated[
+        list[str] | None, typer.Option(help="Explainer parameter key=value (repeatable).")
+    ] = None,
+    explainer_checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint of a learned explainer (medexplain fit).")
+    ] = None,
+    target: Annotated[
+        str, typer.Option(help="Class explained: predicted, label, or a class index.")
+    ] = "predicted",
+    shape: ShapeOpt = None,
+    channels: Annotated[int | None, typer.Option(help="1: grey, 3: RGB.")] = None,
+    normalise: NormaliseOpt = "none",
+    device: DeviceOpt = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Images per explainer call.")] = 16,
+    chunk_size: Annotated[
+        int | None, typer.Option(help="Images per stored chunk (default: up to 64 / 32 MB).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Explain only the first N images.")] = None,
+    global_maps: Annotated[
+        bool, typer.Option("--global", help="Then compute global maps (label-wise, max, abs).")
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace a run in OUT made with other settings (deletes only the files "
+            "medexplain wrote there; a folder that is not a run is never touched)."
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Use --explainer-checkpoint even if it was fitted for another classifier."
+        ),
+    ] = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Explain every image of a dataset into a resumable run folder.
+
+    Per-image maps go to OUT/chunks/ (atomic chunks), settings to OUT/run.json, unreadable
+    images to OUT/errors.csv. Killed and started again with the same command, the run
+    resumes where it stopped; different settings on an existing OUT are refused.
+
+    Example: medexplain explain --model cnn.pt --model-factory lab.nets:cnn --data t1.csv
+    --method integrated_gradients --param n_steps=32 --out runs/ad
+    """
+    from ..runs import ExplainSettings, explain_run, global_run
+
+    settings = ExplainSettings(
+        data=str(data),
+        method=method,
+        model=None if model is None else str(model),
+        model_factory=model_factory,
+        model_config=None if model_config is None else str(model_config),
+        params=parse_params(param),
+        explainer_checkpoint=None if explainer_checkpoint is None else str(explainer_checkpoint),
+        target=target,
+        shape=parse_shape(shape),
+        channels=channels,
+        normalise=normalise,
+        device=device,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        limit=limit,
+        force=force,
+    )
+    summary = explain_run(
+        settings, out, overwrite=overwrite, progress=progress, log=lambda m: console.print(m)
+    )
+    if summary["n_done"] == 0:
+        raise fail(
+            f"none of the {summary['n_images']} image(s) could be explained; the reasons are "
+            f"in {out / 'errors.csv'}"
+        )
+    colour = "yellow" if summary["n_errors"] else "green"
+    console.print(
+        f"[{colour}]done[/{colour}]: {summary['n_done']} of {summary['n_images']} image(s) "
+        f"explained ({summary['n_computed']} now, {summary['n_errors']} error(s)) in {out}"
+    )
+    if global_maps:
+        _warn_alignment(settings)
+        global_run(out, log=lambda m: console.print(m))
+        console.print(f"global maps: {out / 'global'}")
+
+
+def _warn_alignment(settings) -> None:
+    from ..data.alignment import check_alignment
+    from ..runs import open_data
+
+    dataset = open_data(settings)
+    report = check_alignment(dataset)
+    if report.fraction_flagged > 0.1:
+        console.print(
+            f"[yellow]warning:[/yellow] {report.fraction_flagged:.0%} of the images look "
+            "misaligned; global maps assume aligned images (run medexplain check-alignment)"
+        )
+
+
+@app.command("global")
+@guard
+def global_command(
+    run: Annotated[Path, typer.Argument(help="Run folder written by explain.")],
+    by: Annotated[str, typer.Option(help="Groups: label, prediction or outcome.")] = "label",
+    normalise: Annotated[str, typer.Option(help="Per-map normalisation: max, mass, none.")] = "max",
+    transform: Annotated[str, typer.Option(help="abs, positive or signed.")] = "abs",
+    contrast: Annotated[
+        str | None, typer.Option(help="Welch t / FDR q maps of group A vs B, as A:B.")
+    ] = None,
+) -> None:
+    """Global maps of a run, streamed from its stored maps.
+
+    Writes RUN/global/ (.npy + index.json, NIfTI for 3D with the scans' affine) and one
+    figure per label over the mean image in RUN/figures/. With --contrast A:B also the
+    voxel-wise Welch t, p and Benjamini-Hochberg q maps (outcome groups: label/TP).
+
+    Example: medexplain global runs/ad --by label --contrast AD:CN
+    """
+    from ..runs import global_run
+
+    pair = None
+    if contrast is not None:
+        if contrast.count(":") != 1:
+            raise fail(f"--contrast must be A:B (two group names), got {contrast!r}")
+        pair = tuple(contrast.split(":"))
+    if normalise not in ("max", "mass", "none"):
+        raise fail(f"--normalise must be max, mass or none, got {normalise!r}")
+    if transform not in ("abs", "positive", "signed"):
+        raise fail(f"--transform must be abs, positive or signed, got {transform!r}")
+    result = global_run(
+        run,
+        by=by,
+        normalise=normalise,
+        transform=transform,
+        contrast=pair,
+        log=lambda m: console.print(m),
+    )
+    counts = ", ".join(f"{'/'.join(k)}: {n}" for k, n in result.counts.items())
+    console.print(f"[green]done[/green]: {run / 'global'} ({counts})")
+
+
+@app.command()
+@guard
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder written by explain.")],
+    peppr: Annotated[bool, typer.Option(help="PEPPR with the global map vs random.")] = False,
+    deletion: Annotated[bool, typer.Option(help="Deletion/insertion on a few images.")] = False,
+    localization: Annotated[bool, typer.Option(help="Against the manifest's masks.")] = False,
+    sanity: Annotated[bool, typer.Option(help="Cascading model randomisation.")] = False,
+    labelwise: Annotated[bool, typer.Option(help="PEPPR with each label's own map.")] = False,
+    limit: Annotated[int | None, typer.Option(help="PEPPR on the first N images.")] = None,
+    n_deletion: Annotated[int, typer.Option(help="Images for deletion/insertion.")] = 16,
+    n_sanity: Annotated[int, typer.Option(help="Images for the sanity check.")] = 4,
+    steps: Annotated[int, typer.Option(help="PEPPR fractions: steps + 1 points.")] = 20,
+    seeds: Annotated[int, typer.Option(help="Random orders for the PEPPR control.")] = 5,
+    device: Annotated[str | None, typer.Option(help="torch device (default: the run's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    progress: ProgressOpt = True,
+) -> None:
+    """Prove a run's explanations: PEPPR, deletion/insertion, localization, sanity.
+
+    Without any flag all four are run. Writes RUN/evaluation.json and RUN/figures/peppr.png.
+
+    Example: medexplain evaluate runs/uwf --peppr --limit 2000
+    """
+    from ..runs import evaluate_run
+
+    everything = not (peppr or deletion or localization or sanity)
+    evaluation = evaluate_run(
+        run,
+        peppr=peppr or everything,
+        deletion=deletion or everything,
+        localization=localization or everything,
+        sanity=sanity or everything,
+        labelwise=labelwise,
+        limit=limit,
+        n_deletion=n_deletion,
+        n_sanity=n_sanity,
+        peppr_steps=steps,
+        peppr_seeds=seeds,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    skipped = evaluation.get("localization", {}).get("skipped") if localization else None
+    if skipped:
+        raise fail(f"--localization computed nothing: {skipped}")
+    if peppr or everything:
+        p = evaluation["peppr"]
+        console.print(
+            f"PEPPR erase area {p['erase_area']:.3f} (random {p['random_erase_area']:.3f}), "
+            f"restore area {p['restore_area']:.3f} (random {p['random_restore_area']:.3f})"
+        )
+    console.print(f"[green]done[/green]: {run / 'evaluation.json'}")
+
+
+@app.command()
+@guard
+def report(run: Annotated[Path, typer.Argument(help="Run folder written by explain.")]) -> None:
+    """Self-contained HTML report of a run (settings, global maps, contrast, evaluation).
+
+    Example: medexplain report runs/uwf
+    """
+    from ..runs import report_run
+
+    console.print(f"[green]done[/green]: {report_run(run)}")
+
+
+@app.command("check-alignment")
+@guard
+def check_alignment_command(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Folder for alignment.csv/.png/.json.")] = Path(
+        "alignment"
+    ),
+    template: Annotated[
+        Path | None, typer.Option(help="Reference image (default: the dataset mean).")
+    ] = None,
+    shape: ShapeOpt = None,
+    channels: Annotated[int | None, typer.Option(help="1: grey, 3: RGB.")] = None,
+    normalise: NormaliseOpt = "none",
+    threshold: Annotated[
+        float | None, typer.Option(help="Also flag correlations below this.")
+    ] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Check that a dataset is aligned: correlate each image with the mean (or a template),
+    flag outliers and mirrored images.
+
+    Example: medexplain check-alignment --data uwf.csv --out runs/uwf-alignment
+    """
+    from ..data.alignment import check_alignment
+    from ..data.files import open_dataset
+    from ..data.readers import load_image
+    from ..report.alignment_plot import plot_alignment
+
+    dataset = open_dataset(data, shape=parse_shape(shape), channels=channels, normalise=normalise)
+    reference = None
+    if template is not None:
+        reference, _ = load_image(template, spatial_dims=dataset.spatial_dims)
+    result = check_alignment(dataset, reference, threshold=threshold, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    result.to_csv(out / "alignment.csv")
+    plot_alignment(result, out / "alignment.png")
+    summary = result.summary()
+    (out / "alignment.json").write_text(
+        json.dumps(summary, indent=2, default=lambda v: None if v != v else str(v))
+    )
+    console.print(
+        f"{len(result.flagged)} of {result.checked} image(s) flagged "
+        f"({result.fraction_flagged:.1%}); {len(result.errors)} unreadable; see {out}"
+    )
