@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from medexplain.data.alignment import check_alignment, plot_alignment
+from medexplain.data.alignment import check_alignment
 from medexplain.data.files import ImageDataset
+from medexplain.report.alignment_plot import plot_alignment
 
 
 def smooth_subjects(n: int, size: int, dims: int, seed: int = 0) -> torch.Tensor:

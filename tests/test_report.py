@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from medexplain.explain import create
-from medexplain.pipeline import explain_all, predicted_classes
+from medexplain.explain.batch import explain_all, predicted_classes
 from medexplain.report.figures import plot_global_maps
 from medexplain.report.html import embed_png, metrics_table, write_report
 from medexplain.report.nifti import save_nifti
@@ -32,6 +32,25 @@ def test_report_is_self_contained_and_keeps_the_numbers(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == figure.read_bytes()
     assert "<td>0.250</td><td>1</td><td>–</td>" in page
     assert "&quot;auc&quot;: 0.25" in page  # the machine-readable copy
+
+
+def test_table_arrows_come_from_the_metrics_directions(monkeypatch):
+    from medexplain import metrics
+
+    columns = [
+        ("deletion.deletion_auc", "deletion AUC"),
+        ("peppr.restore_area", "PEPPR restore"),
+        ("peppr.random_erase_area", "random erase"),  # a reference, not a score
+        ("localization_auroc", "loc. AUROC", "auroc"),  # named score
+    ]
+    rows = {"m": {"deletion": {"deletion_auc": 0.5}}}
+    table = metrics_table(rows, columns)
+    assert metrics.DIRECTIONS["deletion_auc"] == "lower" and "<th>deletion AUC ↓</th>" in table
+    assert metrics.DIRECTIONS["restore_area"] == "higher" and "<th>PEPPR restore ↑</th>" in table
+    assert "<th>random erase</th>" in table and "<th>loc. AUROC ↑</th>" in table
+    # the header follows the declaration, not a string in the caller
+    monkeypatch.setitem(metrics.DIRECTIONS, "deletion_auc", "higher")
+    assert "<th>deletion AUC ↑</th>" in metrics_table(rows, columns)
 
 
 def test_nifti_keeps_values_and_affine(tmp_path):

@@ -119,12 +119,6 @@ class SAGResult:
         """Bool mask ``(*spatial)`` of the pixels covered by ``patches``."""
         return patch_mask(patches, self.grid, self.spatial)
 
-    def plot(self, path: str | Path, **kwargs: Any) -> Path:
-        """Draw the shown roots and their children to ``path`` (see :func:`plot_sag`)."""
-        from .sag_plot import plot_sag
-
-        return plot_sag(self, path, **kwargs)
-
     # ------------------------------------------------------------- serialising
     def to_dict(self, include_images: bool = True) -> dict[str, Any]:
         """Plain JSON-able dict; floats are exact (float32 images are stored as lists)."""

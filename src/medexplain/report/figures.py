@@ -3,6 +3,11 @@
 Every function takes tensors or arrays ``(1, *spatial)`` / ``(*spatial)``; 3D volumes
 are shown as their middle slice along each axis (three panels) or, where one panel
 is wanted, the middle axial slice.
+
+matplotlib is imported inside the functions and figures are bare
+:class:`matplotlib.figure.Figure` objects saved with ``savefig``: no pyplot state and no
+backend chosen, so importing this module costs nothing and plotting in a notebook keeps
+its backend.
 """
 
 from __future__ import annotations
@@ -10,10 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -43,16 +44,18 @@ def display_slice(array: torch.Tensor | np.ndarray) -> np.ndarray:
 def _overlay(ax, background: np.ndarray, heat: np.ndarray, signed: bool, title: str) -> None:
     """Image in grey, the map on top with opacity growing with |value| (scaled per panel), so
     weak attributions leave the anatomy visible. Signed maps: red positive, blue negative."""
+    from matplotlib import colormaps
+
     ax.imshow(background, cmap="gray", interpolation="nearest")
     limit = float(np.abs(heat).max())
     if limit > 0:
         if signed and heat.min() < 0:
             scaled = heat / limit
-            colours = plt.get_cmap("RdBu_r")(0.5 + 0.5 * scaled)
+            colours = colormaps["RdBu_r"](0.5 + 0.5 * scaled)
             colours[..., 3] = np.clip(np.abs(scaled), 0, 1) * 0.85
         else:
             scaled = np.clip(heat, 0, None) / limit
-            colours = plt.get_cmap("inferno")(scaled)
+            colours = colormaps["inferno"](scaled)
             colours[..., 3] = np.clip(scaled, 0, 1) * 0.85
         ax.imshow(colours, interpolation="nearest")
     ax.set_title(title, fontsize=8)
@@ -72,7 +75,8 @@ def plot_global_maps(
     outlined in cyan when ``regions`` has an entry for the label."""
     background = display_slice(mean_image)
     names = list(maps)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.9), squeeze=False)
+    fig = _figure(figsize=(2.6 * len(names), 2.9))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         _overlay(ax, background, display_slice(maps[name]), signed, name)
         if regions is not None and name in regions:
@@ -98,7 +102,8 @@ def plot_examples(
     """
     n = len(images)
     columns = 2 + len(maps_by_method)
-    fig, axes = plt.subplots(n, columns, figsize=(1.7 * columns, 1.8 * n), squeeze=False)
+    fig = _figure(figsize=(1.7 * columns, 1.8 * n))
+    axes = fig.subplots(n, columns, squeeze=False)
     for row in range(n):
         image = display_slice(images[row])
         axes[row, 0].imshow(image, cmap="gray", interpolation="nearest")
@@ -116,9 +121,14 @@ def plot_examples(
     return _save(fig, path)
 
 
+def _figure(figsize: tuple[float, float]):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -9,6 +9,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..metrics import better
+
+ARROWS = {"lower": "↓", "higher": "↑"}
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
@@ -33,8 +37,22 @@ def _format(value: Any) -> str:
     return html.escape(str(value))
 
 
-def metrics_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """HTML table: one row per key of ``rows``; ``columns`` = (dotted key, header)."""
+def header_with_arrow(header: str, score: str) -> str:
+    """``header`` plus ↓ (lower is better) or ↑ (higher is better) as
+    :data:`medexplain.metrics.DIRECTIONS` declares for ``score`` (a score name or a dotted
+    key ending in one); unchanged for a column that is not a score."""
+    direction = better(score)
+    return f"{header} {ARROWS[direction]}" if direction else header
+
+
+def metrics_table(
+    rows: Mapping[str, Mapping[str, Any]],
+    columns: Sequence[tuple[str, str] | tuple[str, str, str]],
+) -> str:
+    """HTML table: one row per key of ``rows``; ``columns`` = (dotted key, header) or
+    (dotted key, header, score name). Each header gets the arrow of its score from
+    :data:`medexplain.metrics.DIRECTIONS` (see :func:`header_with_arrow`); the score is the
+    key's last part unless named."""
 
     def lookup(row: Mapping[str, Any], dotted: str) -> Any:
         value: Any = row
@@ -44,10 +62,14 @@ def metrics_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[tuple
             value = value[part]
         return value
 
-    head = "".join(f"<th>{html.escape(header)}</th>" for _, header in columns)
+    headers = [
+        header_with_arrow(column[1], column[-1] if len(column) > 2 else column[0])
+        for column in columns
+    ]
+    head = "".join(f"<th>{html.escape(header)}</th>" for header in headers)
     body = []
     for name, row in rows.items():
-        cells = "".join(f"<td>{_format(lookup(row, key))}</td>" for key, _ in columns)
+        cells = "".join(f"<td>{_format(lookup(row, column[0]))}</td>" for column in columns)
         body.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
     return f"<table><tr><th>method</th>{head}</tr>{''.join(body)}</table>"
 

@@ -6,6 +6,9 @@ the rest the baseline), its children below it level by level, each thumbnail lab
 ``ratio(parent) - ratio(child)`` (colour bar on the right). A node reachable from several
 roots is drawn under the first of them. 3D volumes are shown as maximum-intensity
 projections along the first spatial axis (patch cubes anywhere in depth stay visible).
+
+The figure is a bare :class:`matplotlib.figure.Figure` saved with ``savefig`` (no pyplot, no
+backend chosen).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sag_graph import SAGResult
+from ..explain.sag_graph import SAGResult
 
 
 def _thumbnail(result: SAGResult, patches: tuple[int, ...]) -> np.ndarray:
@@ -72,10 +75,8 @@ def plot_sag(
     root (the best ratios) are drawn; the JSON keeps the whole graph.
     """
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import cm, colors
+    from matplotlib.figure import Figure
 
     if result.image is None:
         raise ValueError("result has no image (to_dict(include_images=False)?); cannot plot")
@@ -85,7 +86,8 @@ def plot_sag(
     total_width = sum(widths) + max(len(widths) - 1, 0) * 0.5
     fig_w = 1.0 + 1.9 * total_width
     fig_h = 0.6 + 2.3 * n_levels
-    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=dpi)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+    ax = fig.subplots()
     ax.set_xlim(-0.1, total_width + 0.1)
     ax.set_ylim(-(n_levels * 1.5) + 0.2, 0.6)
     ax.set_aspect("equal")
@@ -131,5 +133,4 @@ def plot_sag(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
     return out
