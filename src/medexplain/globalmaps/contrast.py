@@ -20,8 +20,10 @@ def benjamini_hochberg(p: torch.Tensor) -> torch.Tensor:
     """Benjamini-Hochberg adjusted p-values (q-values) of any-shaped ``p``, float64.
 
     ``q_(i) = min_{j >= i} min(1, m p_(j) / j)`` over the ``m`` p-values sorted ascending
-    (Benjamini & Hochberg 1995); same values as
-    ``scipy.stats.false_discovery_control(p, method="bh")``.
+    (Benjamini & Hochberg 1995), computed by
+    ``scipy.stats.false_discovery_control(p, method="bh")`` over all entries at once (not
+    per axis). Tied p-values get equal q-values; NaN or values outside [0, 1] raise a
+    ValueError. Returned on ``p``'s device with ``p``'s shape.
     """
     p = torch.as_tensor(p, dtype=torch.float64)
     flat = p.flatten()
@@ -29,14 +31,8 @@ def benjamini_hochberg(p: torch.Tensor) -> torch.Tensor:
         return p.clone()
     if torch.isnan(flat).any() or (flat < 0).any() or (flat > 1).any():
         raise ValueError("p must hold p-values in [0, 1] without NaN")
-    m = flat.numel()
-    order = torch.argsort(flat, stable=True)
-    ranks = torch.arange(1, m + 1, dtype=torch.float64, device=flat.device)
-    scaled = flat[order] * m / ranks
-    q_sorted = torch.flip(torch.cummin(torch.flip(scaled, [0]), dim=0).values, [0]).clamp_max(1.0)
-    q = torch.empty_like(flat)
-    q[order] = q_sorted
-    return q.view(p.shape)
+    q = stats.false_discovery_control(flat.cpu().numpy(), method="bh")
+    return torch.from_numpy(np.asarray(q, dtype=np.float64)).to(p.device).view(p.shape)
 
 
 @dataclass(frozen=True)
