@@ -30,7 +30,8 @@ from .localization import (
     localization_scores,
     pointing_game,
 )
-from .peppr import PepprCurves, PepprResult, peppr, peppr_many
+from .peppr import peppr, peppr_many
+from .peppr_result import PepprCurves, PepprResult
 from .sanity import (
     ExplainerFactory,
     SanityResult,

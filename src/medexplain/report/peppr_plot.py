@@ -1,10 +1,11 @@
-"""PEPPR figure: erase and restore curves of a :class:`~medexplain.metrics.peppr.PepprResult`."""
+"""PEPPR figure: erase and restore curves of a
+:class:`~medexplain.metrics.peppr_result.PepprResult` against random order."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..metrics.peppr import PepprResult
+from ..metrics.peppr_result import PepprResult
 
 
 def plot_peppr(result: PepprResult, path: str | Path, title: str | None = None) -> Path:
