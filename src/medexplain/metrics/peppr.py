@@ -209,18 +209,7 @@ def peppr_many(
 
     Returns name -> :class:`PepprResult`, identical to calling :func:`peppr` per name.
     """
-    if not maps:
-        raise ValueError("maps is empty")
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    if random_seeds < 1:
-        raise ValueError(
-            f"random_seeds must be >= 1 (METHODS.md asks for several), got {random_seeds}"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_options(model, maps, n_steps, random_seeds, batch_size)
     if isinstance(fill, str) and fill == "mean" and mean_image is None:
         if not isinstance(x, torch.Tensor):
             raise ValueError(
@@ -266,6 +255,21 @@ def peppr_many(
             ),
         )
     return out
+
+
+def _check_options(model, maps, n_steps: int, random_seeds: int, batch_size: int) -> None:
+    if not maps:
+        raise ValueError("maps is empty")
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if random_seeds < 1:
+        raise ValueError(
+            f"random_seeds must be >= 1 (METHODS.md asks for several), got {random_seeds}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 class _Passes:

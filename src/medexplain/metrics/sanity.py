@@ -185,6 +185,20 @@ def reinitialise(module: nn.Module, seed: int, recurse: bool = True) -> None:
                 p.normal_(0.0, std if std > 0 else 0.02)
 
 
+def _fixed_targets(
+    work: nn.Module, x: torch.Tensor, y: int | torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """``y`` as long ``(B,)``; None = the trained model's predicted classes (eval mode)."""
+    if y is not None:
+        return as_targets(y, x.shape[0], device=device)
+    training = work.training
+    work.eval()
+    with torch.no_grad():
+        logits = work(x)
+    work.train(training)
+    return as_targets(None, x.shape[0], device=device, logits=lambda: logits)
+
+
 def cascading_randomization(
     model: nn.Module,
     x: torch.Tensor,
@@ -230,15 +244,7 @@ def cascading_randomization(
     steps = _resolve_steps(work, granularity, layers)
     device = model_device(work)
     x = x.to(device)
-    if y is None:
-        training = work.training
-        work.eval()
-        with torch.no_grad():
-            logits = work(x)
-        work.train(training)
-        targets = as_targets(None, x.shape[0], device=device, logits=lambda: logits)
-    else:
-        targets = as_targets(y, x.shape[0], device=device)
+    targets = _fixed_targets(work, x, y, device)
     expected = (x.shape[0], 1, *x.shape[2:])
 
     def explain(m: nn.Module) -> torch.Tensor:
