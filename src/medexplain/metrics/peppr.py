@@ -227,12 +227,7 @@ def peppr_many(
     if passes.n_images == 0:
         raise ValueError("x is empty")
 
-    y_all = torch.cat(passes.labels)
-    results = {}
-    for i in range(len(passes.runs)):
-        for erase in (True, False):
-            probs = torch.cat(passes.store[i][erase], dim=1)  # (F, N, K)
-            results[(i, erase)] = curve_metrics(probs, y_all, passes.mode, passes.threshold)
+    results = passes.metrics()
     random_runs = [i for i, run in enumerate(passes.runs) if run[0] == "random"]
     out = {}
     for key, ranking in maps.items():
@@ -343,6 +338,16 @@ class _Passes:
                 )
         self.labels.append(y.cpu())
         self.n_images += x.shape[0]
+
+    def metrics(self) -> dict[tuple[int, bool], tuple[torch.Tensor, ...]]:
+        """(run, erase) -> :func:`curve_metrics` of that curve over every image."""
+        y_all = torch.cat(self.labels)
+        results = {}
+        for i in range(len(self.runs)):
+            for erase in (True, False):
+                probs = torch.cat(self.store[i][erase], dim=1)  # (F, N, K)
+                results[(i, erase)] = curve_metrics(probs, y_all, self.mode, self.threshold)
+        return results
 
 
 def _resolve_mode(

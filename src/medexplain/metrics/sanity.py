@@ -185,6 +185,15 @@ def reinitialise(module: nn.Module, seed: int, recurse: bool = True) -> None:
                 p.normal_(0.0, std if std > 0 else 0.02)
 
 
+def _check_inputs(model: nn.Module, x: torch.Tensor, make_explainer: ExplainerFactory) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(make_explainer):
+        raise TypeError("make_explainer must be a callable model -> explainer")
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        raise ValueError("x must be a tensor (B, C, H, W) or (B, C, D, H, W)")
+
+
 def _fixed_targets(
     work: nn.Module, x: torch.Tensor, y: int | torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
@@ -234,12 +243,7 @@ def cascading_randomization(
     Returns a :class:`SanityResult`; ``rank_correlation_fully_randomized`` is the mean
     correlation with all layers randomised.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(make_explainer):
-        raise TypeError("make_explainer must be a callable model -> explainer")
-    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
-        raise ValueError("x must be a tensor (B, C, H, W) or (B, C, D, H, W)")
+    _check_inputs(model, x, make_explainer)
     work = copy.deepcopy(model)
     steps = _resolve_steps(work, granularity, layers)
     device = model_device(work)
