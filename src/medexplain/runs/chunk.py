@@ -1,5 +1,13 @@
-"""One chunk of a run: the maps and facts of a few explained images, with checksums
-(the fields are described in :mod:`medexplain.runs.store`)."""
+"""One chunk of a run: the maps and facts of a few explained images, with checksums.
+
+A chunk's ``.npz`` holds, for the images it explained: ``key (n,)``, ``index (n,)``
+(manifest row when explained), ``maps (n, 1, *S) float32``, ``label (n,)`` or ``(n, K)``,
+``pred`` (same), ``target (n,)``, ``logits (n, K)``, ``affine (n, 4, 4)`` (NaN when the file
+has none), ``path``, the images' running ``image_sum (C, *S) float64`` and ``image_count``,
+the images that failed (``err_index``, ``err_path``, ``err_reason``, ``err_key``) and
+``digests``: a SHA-256 of every other array, checked when the chunk is read, so a damaged
+chunk is named instead of being half read.
+"""
 
 from __future__ import annotations
 

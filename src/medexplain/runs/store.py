@@ -12,13 +12,7 @@ Layout of a run folder ``RUN``::
 
 Every image is identified by a **key** (:func:`medexplain.data.files.ImageDataset.item_keys`:
 its absolute path, the file's size and modification time, its label, flip and mask), not by
-its row in the manifest. A chunk's ``.npz`` holds, for the images it explained: ``key (n,)``,
-``index (n,)`` (manifest row when explained), ``maps (n, 1, *S) float32``, ``label (n,)`` or
-``(n, K)``, ``pred`` (same), ``target (n,)``, ``logits (n, K)``, ``affine (n, 4, 4)`` (NaN
-when the file has none), ``path``, the images' running ``image_sum (C, *S) float64`` and
-``image_count``, the images that failed (``err_index``, ``err_path``, ``err_reason``,
-``err_key``) and ``digests``: a SHA-256 of every other array, checked when the chunk is read,
-so a damaged chunk is named instead of being half read.
+its row in the manifest; a chunk (:mod:`medexplain.runs.chunk`) holds explained images by key.
 
 A chunk is written to a temporary name, flushed, fsynced and moved into place with
 :func:`os.replace`, so at any instant a chunk is either absent or complete: a run killed at
@@ -39,10 +33,8 @@ never cleared.
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
 import hashlib
-import io
 import json
 import os
 import re
@@ -59,6 +51,7 @@ import numpy as np
 from .atomic import atomic_write, atomic_write_text
 from .chunk import Chunk, array_digest
 from .errors import DamagedChunkError, RunError
+from .tables import cell, csv_text
 
 __all__ = ["RUN_FILES", "RunStore"]
 
@@ -427,7 +420,7 @@ class RunStore:
         """Rebuild ``errors.csv`` (atomically) from the chunks or the given list."""
         errors = self.errors() if errors is None else sorted(e[:3] for e in errors)
         lines = [["index", "path", "reason"], *[[str(i), p, r] for i, p, r in errors]]
-        return atomic_write_text(self.root / "errors.csv", _csv_text(lines))
+        return atomic_write_text(self.root / "errors.csv", csv_text(lines))
 
     def write_items_csv(self) -> Path:
         """``items.csv``: one row per selected explained image in manifest order (index,
@@ -441,19 +434,17 @@ class RunStore:
                         [
                             str(int(chunk.index[j])),
                             str(chunk.path[j]),
-                            _cell(chunk.label[j]),
-                            _cell(chunk.pred[j]),
+                            cell(chunk.label[j]),
+                            cell(chunk.pred[j]),
                             str(int(chunk.target[j])),
-                            _cell(chunk.logits[j]),
+                            cell(chunk.logits[j]),
                             str(chunk.number),
                         ],
                     )
                 )
         rows.sort(key=lambda row: row[0])
         header = ["index", "path", "label", "prediction", "target", "logits", "chunk"]
-        return atomic_write_text(
-            self.root / "items.csv", _csv_text([header, *[r for _, r in rows]])
-        )
+        return atomic_write_text(self.root / "items.csv", csv_text([header, *[r for _, r in rows]]))
 
     def partial_chunks(self) -> bool:
         """True when some chunk holds selected and unselected images (its image sum then
@@ -499,16 +490,3 @@ class RunStore:
 
     def count(self) -> int:
         return sum(len(c) for c in self.iter_chunks(maps=False))
-
-
-def _cell(value: np.ndarray) -> str:
-    array = np.asarray(value)
-    if array.ndim == 0:
-        return str(array.item())
-    return " ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in array.tolist())
-
-
-def _csv_text(rows: list[list[str]]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
