@@ -39,8 +39,9 @@ diverse roots whose patches cover it, ``sum_r w_r [pixel in r] / sum_r w_r`` wit
 ``w_r = ins(r) / P`` (in [0, 1]; 0 everywhere when the baseline alone is sufficient).
 
 >>> result = StructuredAttentionGraph(model).explain_image(x)       # x (1, C, *S)
->>> result.roots[0].patches, result.roots[0].ratio; result.plot("sag.png")
->>> run_sag(model, x, "out/")                                       # sag.json + sag.png
+>>> result.roots[0].patches, result.roots[0].ratio
+>>> run_sag(model, x, "out/")                                       # sag.json
+>>> medexplain.report.sag_plot.plot_sag(result, "sag.png")          # the picture
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class StructuredAttentionGraph(Explainer):
       16; on 2 CPU cores the 64 x 64 benchmark classifier's forward pass costs 0.85 ms per
       image in chunks of 8-24, 1.5 ms in chunks of 64 and 1.6 ms alone; raise it on a
       GPU). The I-GOS heuristic uses chunks of ``max(batch_size, 32)`` (its default);
-    - ``activation``: how logits become ``f_c`` (see :func:`medexplain.scores.probabilities`).
+    - ``activation``: how logits become ``f_c`` (see :func:`medexplain.core.scores.probabilities`).
 
     ``explain_image`` returns a :class:`SAGResult`; calling the explainer returns the
     score-weighted coverage map of the diverse roots ``(B, 1, *S)`` (module docstring).
@@ -419,11 +420,11 @@ def run_sag(
     target: int | None = None,
     **params: Any,
 ) -> SAGResult:
-    """Explain ``image`` ``(C, *S)`` or ``(1, C, *S)`` with SAG and write ``sag.json`` and
-    ``sag.png`` into ``out_dir`` (created). ``params`` go to :class:`StructuredAttentionGraph`."""
+    """Explain ``image`` ``(C, *S)`` or ``(1, C, *S)`` with SAG and write ``sag.json`` into
+    ``out_dir`` (created); the picture is :func:`medexplain.report.sag_plot.plot_sag`.
+    ``params`` go to :class:`StructuredAttentionGraph`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = StructuredAttentionGraph(model, **params).explain_image(image, target)
     result.to_json(out / "sag.json")
-    result.plot(out / "sag.png")
     return result

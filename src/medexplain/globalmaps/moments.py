@@ -49,7 +49,7 @@ class GroupMap:
     """A group's global map: ``count`` images, per-pixel ``mean`` and sample ``std``.
 
     ``mean`` and ``std`` are float64 ``(1, *S)`` CPU tensors; ``mean`` can be passed as the
-    ``ranking_map`` of :func:`medexplain.metrics.peppr.peppr`. ``std`` uses ``ddof=1`` (the
+    ``maps`` (the ranking) of :func:`medexplain.metrics.peppr.peppr`. ``std`` uses ``ddof=1`` (the
     estimate the Welch test needs) and is zero for a group of one image.
     """
 
