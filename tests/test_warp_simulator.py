@@ -358,8 +358,12 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.allclose(loaded(x, 1), explainer(x, 1), atol=1e-6)
     assert loaded.margin == 1.5 and loaded.target_classes == [0, 1]
     three = tiny_model(classes=3)
+    # a checkpoint records its classifier: another one is refused at load time ...
+    with pytest.raises(ValueError, match="another classifier"):
+        create("warp_simulator", three, checkpoint=path)
+    # ... and forced through, the simulator still refuses a model with other outputs
     with pytest.raises(ValueError, match="logits"):
-        create("warp_simulator", three, checkpoint=path)(x, 0)
+        create("warp_simulator", three, checkpoint=path, force=True)(x, 0)
 
 
 # --------------------------------------------------------------------- a short training
