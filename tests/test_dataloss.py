@@ -411,6 +411,14 @@ def test_a_warp_simulator_checkpoint_records_its_classifier(ds, tmp_path):
     scripted = torch.jit.trace(model_a.eval(), torch.zeros(1, 1, SIZE, SIZE))
     assert classifier_fingerprint(scripted) == classifier_fingerprint(model_a)
     assert classifier_fingerprint(model_a) != classifier_fingerprint(model_b)
+    # BatchNorm keeps a 0-dim step counter among its buffers: it is fingerprinted too
+    with_bn = build_classifier(CNNConfig(num_classes=2, widths=(4, 8), norm="batch"))
+    copy = build_classifier(CNNConfig(num_classes=2, widths=(4, 8), norm="batch"))
+    copy.load_state_dict(with_bn.state_dict())
+    assert classifier_fingerprint(copy) == classifier_fingerprint(with_bn)
+    with torch.no_grad():
+        copy.state_dict()["features.0.1.num_batches_tracked"].add_(1)
+    assert classifier_fingerprint(copy) != classifier_fingerprint(with_bn)
 
 
 # --------------------------------------------------------------------------- intensities

@@ -25,8 +25,8 @@ class ClassifierMismatchError(ValueError):
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:
-    array = tensor.detach().to("cpu").contiguous()
-    h = hashlib.sha256(f"{array.dtype}{tuple(array.shape)}".encode())
+    array = tensor.detach().to("cpu").contiguous().reshape(-1)
+    h = hashlib.sha256(f"{array.dtype}{tuple(tensor.shape)}".encode())
     h.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
     return h.hexdigest()
 
