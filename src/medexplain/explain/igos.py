@@ -114,9 +114,9 @@ class IGOS(_MaskOptimiser):
     - ``activation``: "auto" (softmax, sigmoid for one logit), "softmax", "sigmoid", "logit";
     - ``early_reject``: skip line-search passes that cannot change the Armijo decision;
     - ``batch_size`` (32): images per model pass (a batch of B images makes passes over
-      ``B * integration_steps`` perturbed images, chunked by it). Ours: on 2 CPU cores the
-      benchmark classifier runs 15-20 % slower per image in chunks of 64 than of 20-40
-      (cache size), so 32; raise it on a GPU. ``seed``: the noise.
+      ``B * integration_steps`` perturbed images, chunked by it). Ours: a small CNN on a CPU
+      runs slower per image in chunks of 64 than of 20-40 (cache size; measured in
+      ``benchmarks/igos.py``), so 32; raise it on a GPU. ``seed``: the noise.
 
     After a call: ``last_trace`` (:class:`IGOSTrace`, without masks) and ``passes``
     (:class:`~medexplain.explain.igos_loss.PassCounter`); :meth:`explain_with_trace`

@@ -32,7 +32,7 @@ cached (a set is never sent through the model twice, so batched and one-at-a-tim
 make the same passes); ties (equal scores) keep the order in which sets were generated; a
 sufficient successor that contains a root already found is neither pruned nor expanded (its
 pruning mostly returns that root again, at a cost quadratic in its size: without this rule
-one 64 x 64 image took 170,000 passes once every further set contained a known root).
+the passes for one image explode once every further set contains a known root).
 
 Registered explainer ``sag``: its map is, for every pixel, the score-weighted fraction of the
 diverse roots whose patches cover it, ``sum_r w_r [pixel in r] / sum_r w_r`` with

@@ -55,15 +55,15 @@ from .spatial_transform import DEFAULT_SQUARINGS, integrate_velocity, warp
 
 #: Encoder widths of the authors' 3D simulator (Liu et al.).
 AUTHORS_WIDTHS = (16, 32, 64, 16, 16)
-#: Our default: the authors' layout at half the channels in the first three levels, about 3x
-#: faster on CPU (the 2D benchmark trains in minutes on two shared cores).
+#: Our default: the authors' layout at half the channels in the first three levels, several
+#: times faster on a CPU (``benchmarks/warp_simulator.py``).
 DEFAULT_WIDTHS = (8, 16, 32, 16, 16)
 #: Gaussian smoothing (voxels) of the predicted field (ours; see WarpSimulatorConfig).
 DEFAULT_FIELD_SIGMA = 2.0
 HEAD_INIT_STD = 1e-5
 #: The field grid (ours): half the image resolution in 2D and 3D (VoxelMorph-diff's
-#: half-resolution integration). In 3D it makes a 32^3 simulator train in minutes on two CPU
-#: cores; in 2D it also localises: on the 64x64 atrophy benchmark the plain simulator's removal
+#: half-resolution integration). In 3D it makes a step about 3x cheaper; in 2D it also
+#: localises: on the 64x64 atrophy benchmark the plain simulator's removal
 #: |log J| AUROC rose from 0.84 (full resolution) to 0.95, the diffeomorphic one's from 0.92
 #: to 0.94, with the shift still reached for >= 95% of the images
 #: (benchmarks/results/warp_simulator.json).
