@@ -19,7 +19,9 @@ from .app import (
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
     dims: Annotated[int, typer.Option(help="2 for 64x64 images, 3 for 32^3 volumes.")] = 2,
-    quick: Annotated[bool, typer.Option(help="Fewer images and iterations, for a first look.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="Fewer images and iterations, for a first look.")
+    ] = False,
     methods: Annotated[
         str, typer.Option(help="Comma-separated explainer names (default: the demo's set).")
     ] = "",

@@ -142,7 +142,8 @@ class StructuredAttentionGraph(Explainer):
     - ``batched``: score all successors of a step in chunks of ``batch_size`` (True) or one
       image per forward pass (False, same result, for benchmarks); ``batch_size`` (ours:
       16, where a small CNN's forward pass is cheapest per image on a CPU, measured in
-      ``benchmarks/sag.py``; raise it on a GPU). The I-GOS heuristic uses chunks of ``max(batch_size, 32)`` (its default);
+      ``benchmarks/sag.py``; raise it on a GPU). The I-GOS heuristic uses chunks of
+      ``max(batch_size, 32)`` (its default);
     - ``activation``: how logits become ``f_c`` (see :func:`medexplain.core.scores.probabilities`).
 
     ``explain_image`` returns a :class:`SAGResult`; calling the explainer returns the
