@@ -16,7 +16,7 @@ An item is a dict::
 Per item, in this order: read (:func:`~medexplain.data.readers.load_image`), fit the
 channels (``channels=1`` turns RGB into grey with the ITU-R 601 luma weights, Pillow's "L";
 ``channels=3`` repeats grey), mirror left-right if the row's ``flip`` is set, resample to
-``shape`` (linear, :func:`medexplain.spatial.resize`; masks by nearest neighbour on the same
+``shape`` (linear, :func:`medexplain.core.spatial.resize`; masks by nearest neighbour on the same
 ``align_corners=True`` grid; the affine is rescaled so it still maps the resampled grid to
 world space), then normalise intensities per image (:data:`NORMALISATIONS`). Without
 ``shape`` every image must have the first image's shape.
@@ -116,7 +116,7 @@ def normalise_intensity(
 
 def nearest_resize(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Nearest-neighbour resampling of ``(B, C, *spatial)`` on the ``align_corners=True`` grid
-    that :func:`medexplain.spatial.resize` uses: output index ``j`` reads input index
+    that :func:`medexplain.core.spatial.resize` uses: output index ``j`` reads input index
     ``round(j * (n_in - 1) / (n_out - 1))``. Works for any dtype (bool masks included)."""
     size = tuple(int(s) for s in size)
     out = mask

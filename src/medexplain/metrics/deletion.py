@@ -92,9 +92,9 @@ def deletion_insertion(
     or None for the predicted class).
 
     ``baseline``: "blur" (I-GOS default), "mean" (with ``mean_image`` ``(C, *spatial)``),
-    "zero" or a tensor (see :func:`medexplain.perturb.make_baseline`). ``step_fraction``:
+    "zero" or a tensor (see :func:`medexplain.core.perturb.make_baseline`). ``step_fraction``:
     share of the pixels changed per step (2 %, as in the iGOS++ evaluation). Scores are
-    ``f_c`` from :func:`medexplain.scores.probabilities` with ``activation``. All
+    ``f_c`` from :func:`medexplain.core.scores.probabilities` with ``activation``. All
     ``2 * B * (n_steps + 1)`` perturbed images go through the model in chunks of
     ``batch_size``, without gradients; the model is left as found.
     """

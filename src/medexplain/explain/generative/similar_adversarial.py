@@ -38,7 +38,7 @@ Training loss per image (the paper's formulation):
   the paper reports; ``augment=False`` switches it off. ``y^`` is the decision on the
   augmented image.
 
-Training goes through the shared :func:`medexplain.models.train.train_loop` (progress,
+Training goes through the shared :func:`medexplain.models.loop.train_loop` (progress,
 early stopping on the validation metric ``kept * flipped`` = fraction of similar images
 that keep ``y^`` times fraction of adversarial images that leave it, ``max_seconds``).
 

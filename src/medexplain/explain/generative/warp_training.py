@@ -50,7 +50,7 @@ class WarpFitConfig:
     ``smooth_weight`` (authors: 0.001 x 0.04), ``cycle_weight`` (authors: 1) and
     ``magnitude_weight`` (ours, 0.3, on ``mean |u|^2``) weight the losses.
     ``epochs``/``lr``/``train_batch_size``/``patience``/``max_seconds`` go to the shared
-    :func:`~medexplain.models.train.train_loop` (Adam; the authors also use Adam, lr 1e-3 is
+    :func:`~medexplain.models.loop.train_loop` (Adam; the authors also use Adam, lr 1e-3 is
     our choice for the small nets); ``max_val`` caps the validation samples scored per epoch.
     ``patience`` 16 epochs: on the 3D benchmark 8 stopped the fit before the logit shift
     was reached for 90% of the volumes (measurements in ``benchmarks/results/``).
