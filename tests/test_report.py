@@ -85,3 +85,17 @@ def test_explain_all_equals_direct_calls_and_uses_predictions():
     expected = images * model.fc.weight[predicted].view(7, 1, 6, 6)
     torch.testing.assert_close(result.maps, expected.detach())
     assert result.seconds_per_image > 0
+
+
+def test_one_logit_model_predicts_by_sign_and_explains_its_only_output():
+    torch.manual_seed(0)
+    model = _Linear()
+    model.fc = nn.Linear(36, 1)
+    images = torch.rand(8, 1, 6, 6) - 0.5
+    logit = model(images)[:, 0]
+    assert bool((logit > 0).any()) and bool((logit <= 0).any())
+    assert torch.equal(predicted_classes(model, images), (logit > 0).long())
+    result = explain_all(create("input_x_gradient", model), images)
+    assert torch.equal(result.targets, torch.zeros(8, dtype=torch.long))
+    expected = images * model.fc.weight[0].view(1, 1, 6, 6)
+    torch.testing.assert_close(result.maps, expected.detach())

@@ -14,7 +14,7 @@ import torch
 
 from ..core.model import model_device, model_guard
 from ..core.progress import progress_bar
-from ..core.scores import chunked, default_targets
+from ..core.scores import chunked, default_targets, predict_classes
 from .base import Explainer
 
 
@@ -32,16 +32,22 @@ class ExplainedSet:
 
 
 @torch.no_grad()
+def model_logits(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
+    """Logits ``(N, K)`` on the CPU, in chunks of ``batch_size``, with the model in eval
+    mode (and left as it was found)."""
+    device = model_device(model)
+    with model_guard(model):
+        return chunked(lambda part: model(part.to(device)).cpu(), images, batch_size)
+
+
 def predicted_classes(
     model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64
 ) -> torch.Tensor:
-    """The output each image's explanation explains by default, ``(N,)`` long: the
-    predicted class, or 0 (the only logit) for a one-logit model
-    (:func:`medexplain.core.scores.default_targets`), with the model in eval mode."""
-    device = model_device(model)
-    with model_guard(model):
-        logits = chunked(lambda part: model(part.to(device)).cpu(), images, batch_size)
-    return default_targets(logits)
+    """The model's decision ``(N,)`` long (:func:`medexplain.core.scores.predict_classes`:
+    the argmax, or ``logit > 0`` for a one-logit model)."""
+    return predict_classes(model_logits(model, images, batch_size))
 
 
 def iter_batches(
@@ -73,7 +79,7 @@ def explain_all(
     maps = torch.empty((len(images), 1, *images.shape[2:]), dtype=torch.float32)
     used = torch.empty(len(images), dtype=torch.long)
     if targets is None:
-        targets = predicted_classes(explainer.model, images, batch_size=batch_size)
+        targets = default_targets(model_logits(explainer.model, images, batch_size))
     start = time.perf_counter()
     with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(images))
