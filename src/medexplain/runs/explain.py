@@ -18,7 +18,8 @@ from ..core.scores import default_targets, predict_classes
 from ..data.files import ImageDataset
 from ..data.manifest import duplicate_rows
 from ..data.readers import DataError
-from ..models.external import LoadedModel, _sha256
+from ..models.external import LoadedModel
+from ..models.model_file import file_sha256
 from .chunk import Chunk
 from .errors import RunError
 from .settings import (
@@ -45,7 +46,9 @@ def _identity(settings: ExplainSettings, model: LoadedModel, dataset: ImageDatas
         "data": data,
         "method": settings.method,
         "params": settings.params,
-        "explainer_checkpoint_sha256": None if checkpoint is None else _sha256(Path(checkpoint)),
+        "explainer_checkpoint_sha256": (
+            None if checkpoint is None else file_sha256(Path(checkpoint))
+        ),
         "target": settings.target,
         "chunk_size": chunk,
     }
