@@ -41,6 +41,8 @@ from torch.utils.data import Dataset
 
 from ..core.errors import one_line
 from ..core.spatial import check_dims, resize
+from .collate import collate
+from .intensity import NORMALISATIONS, normalise_intensity, range_text
 from .manifest import (
     Manifest,
     Record,
@@ -50,6 +52,7 @@ from .manifest import (
     records_from_paths,
 )
 from .readers import DataError, ImageMeta, load_image
+from .resample import nearest_resize, resized_affine
 
 __all__ = [
     "NORMALISATIONS",
@@ -64,111 +67,8 @@ __all__ = [
     "resized_affine",
 ]
 
-#: ``"none"``: file units; ``"minmax"``: per image to [0, 1]; ``"zscore"``: per image mean 0,
-#: std 1; ``"percentile"``: clip to the image's 1st-99th percentiles, then to [0, 1] (robust
-#: to a few hot pixels, as in nnU-Net-style preprocessing); ``"range"``: divide by the stored
-#: type's range (x/255 for 8 bit, x/65535 for 16 bit, DICOM's rescaled BitsStored range),
-#: which keeps brightness comparable across images, as most training pipelines do.
-#: Statistics are taken over all channels together (colour balance is kept); a constant
-#: image becomes all zeros.
-NORMALISATIONS = ("none", "minmax", "zscore", "percentile", "range")
-
 # ITU-R 601-2 luma weights, the ones Pillow's convert("L") uses.
 LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def normalise_intensity(
-    array: np.ndarray,
-    method: str,
-    value_range: tuple[float, float] | None = None,
-    where: str = "image",
-) -> np.ndarray:
-    """Normalise one image ``(C, *S)`` with ``method`` from :data:`NORMALISATIONS`.
-
-    ``value_range`` is needed by ``"range"`` (the reader's ``ImageMeta.value_range``).
-    """
-    array = np.asarray(array, dtype=np.float32)
-    if method == "none":
-        return array
-    if method == "range":
-        if value_range is None:
-            raise DataError(
-                f"normalise='range' needs integer pixels with a known range, but {where} holds "
-                "float data; use 'minmax', 'percentile' or 'zscore'"
-            )
-        lo, hi = value_range
-        return ((array - lo) / max(hi - lo, 1e-12)).astype(np.float32)
-    if method == "minmax":
-        lo, hi = float(array.min()), float(array.max())
-    elif method == "percentile":
-        lo, hi = (float(v) for v in np.percentile(array, [1.0, 99.0]))
-        array = np.clip(array, lo, hi)
-    elif method == "zscore":
-        mean, std = float(array.mean(dtype=np.float64)), float(array.std(dtype=np.float64))
-        out = array - mean
-        return (out / std if std > 0 else out).astype(np.float32)
-    else:
-        raise DataError(f"normalise must be one of {NORMALISATIONS}, got {method!r}")
-    if hi <= lo:
-        return np.zeros_like(array)
-    return ((array - lo) / (hi - lo)).astype(np.float32)
-
-
-def nearest_resize(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour resampling of ``(B, C, *spatial)`` on the ``align_corners=True`` grid
-    that :func:`medexplain.core.spatial.resize` uses: output index ``j`` reads input index
-    ``round(j * (n_in - 1) / (n_out - 1))``. Works for any dtype (bool masks included)."""
-    size = tuple(int(s) for s in size)
-    out = mask
-    for axis, n_out in enumerate(size):
-        n_in = out.shape[2 + axis]
-        if n_in == n_out:
-            continue
-        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-        index = torch.round(torch.arange(n_out, dtype=torch.float64) * scale).long()
-        out = out.index_select(2 + axis, index.clamp_(0, n_in - 1).to(out.device))
-    return out
-
-
-def resized_affine(affine: np.ndarray, old: Sequence[int], new: Sequence[int]) -> np.ndarray:
-    """The affine of a grid resampled from ``old`` to ``new`` voxels per axis with
-    ``align_corners=True``: new index ``j`` sits at old index ``j * (old-1)/(new-1)``, so
-    the first and last voxel centres keep their world positions."""
-    scale = np.eye(4)
-    for axis, (n_old, n_new) in enumerate(zip(old, new)):
-        scale[axis, axis] = (n_old - 1) / (n_new - 1) if n_new > 1 else float(n_old)
-    return np.asarray(affine, dtype=np.float64) @ scale
-
-
-def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch items of an :class:`ImageDataset` (use as a DataLoader ``collate_fn``).
-
-    Returns ``{"image": (B, C, *S), "label": (B,) or (B, K), "index": (B,) long,
-    "path": [str], "affine": [array or None]}``, plus ``"mask": (B, 1, *S) bool`` and
-    ``"has_mask": (B,) bool`` when any item has a mask (all-False masks fill the others).
-    """
-    items = list(items)
-    if not items:
-        raise ValueError("collate needs at least one item")
-    shapes = {tuple(item["image"].shape) for item in items}
-    if len(shapes) > 1:
-        raise DataError(
-            f"cannot batch images of different shapes {sorted(shapes)}; give the dataset a "
-            "shape=(...)"
-        )
-    batch: dict[str, Any] = {
-        "image": torch.stack([item["image"] for item in items]),
-        "label": torch.stack([item["label"] for item in items]),
-        "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
-        "path": [item["path"] for item in items],
-        "affine": [item.get("affine") for item in items],
-    }
-    if any("mask" in item for item in items):
-        spatial = items[0]["image"].shape[1:]
-        empty = torch.zeros((1, *spatial), dtype=torch.bool)
-        batch["mask"] = torch.stack([item.get("mask", empty) for item in items])
-        batch["has_mask"] = torch.tensor(["mask" in item for item in items], dtype=torch.bool)
-    return batch
 
 
 @dataclass(frozen=True)
@@ -477,8 +377,8 @@ class ImageDataset(Dataset):
         ref = self._reference()
         if ref.meta.format == "pil" and meta.value_range != ref.meta.value_range:
             raise DataError(
-                f"{path} stores values in {_range_text(meta.value_range)} but the first image "
-                f"{ref.path} stores {_range_text(ref.meta.value_range)}; with --normalise none "
+                f"{path} stores values in {range_text(meta.value_range)} but the first image "
+                f"{ref.path} stores {range_text(ref.meta.value_range)}; with --normalise none "
                 "their intensities are not comparable: use --normalise range (or minmax, "
                 "zscore, percentile)"
             )
@@ -531,12 +431,6 @@ class ImageDataset(Dataset):
             return None, one_line(error)
 
     collate = staticmethod(collate)
-
-
-def _range_text(value_range: tuple[float, float] | None) -> str:
-    if value_range is None:
-        return "floating-point values"
-    return f"integers {value_range[0]:g}..{value_range[1]:g}"
 
 
 def open_dataset(source: str | os.PathLike, **kwargs: Any) -> ImageDataset:
