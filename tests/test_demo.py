@@ -106,10 +106,10 @@ def test_warp_section_writes_a_loadable_simulator_its_maps_and_scores(tmp_path):
     from medexplain.data.synthetic import make_benchmark
     from medexplain.demo.warp import run_warp_section
     from medexplain.explain import create
+    from medexplain.explain.batch import predicted_classes
     from medexplain.explain.generative import jacobian_determinant
     from medexplain.models.cnn import CNNConfig, build_classifier
     from medexplain.models.train import train_classifier
-    from medexplain.pipeline import predicted_classes
 
     bench = make_benchmark(90, dims=3, size=16, seed=0)
     train, val, test = bench.split(seed=0)

@@ -12,6 +12,7 @@ from ..data.synthetic import SyntheticBenchmark
 from ..explain.sag import StructuredAttentionGraph
 from ..explain.sag_graph import SAGResult
 from ..report.figures import plot_examples
+from ..report.sag_plot import plot_sag
 from .state import DemoState
 
 
@@ -55,7 +56,8 @@ def run_sag(state: DemoState) -> DemoState:
             )
             started = time.perf_counter()
             result = sag.explain_image(images[i : i + 1].to(state.device))
-            state.figures[f"sag_{rank}"] = result.plot(state.out / "figures" / f"sag_{rank}.png")
+            figure = state.out / "figures" / f"sag_{rank}.png"
+            state.figures[f"sag_{rank}"] = plot_sag(result, figure)
             result.to_json(state.out / "maps" / f"sag_{rank}.json")
             entries.append(_sag_entry(state, i, result, time.perf_counter() - started))
     state.sag = {"grid": grid, "baseline": "mean", "images": entries}

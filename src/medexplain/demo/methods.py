@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 
 from ..explain import create
+from ..explain.batch import explain_all
 from ..globalmaps import GlobalMaps
-from ..pipeline import explain_all
 from ..report.figures import plot_global_maps
 from ..report.nifti import save_nifti
 from .state import DemoState, MethodOutcome

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..data.synthetic import make_benchmark
+from ..explain.batch import predicted_classes
 from ..models.checkpoint import save_checkpoint
 from ..models.cnn import CNNConfig, build_classifier
 from ..models.train import evaluate_classifier, train_classifier
-from ..pipeline import predicted_classes
 from .state import DemoState
 
 

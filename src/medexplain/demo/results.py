@@ -15,20 +15,21 @@ from ..core.serialise import json_safe
 from ..report.html import embed_png, metrics_table, write_report
 from .state import DemoState
 
-#: The summary table of the report: (key in a method's results, column header).
+#: The summary table of the report: (key in a method's results, column header[, score name]);
+#: the arrows (which way is better) come from medexplain.metrics.DIRECTIONS.
 REPORT_COLUMNS = [
     ("seconds_per_image", "s / image"),
     ("n_explained", "images"),
-    ("localization_auroc", "loc. AUROC"),
-    ("global.localization_auroc", "global loc. AUROC"),
+    ("localization_auroc", "loc. AUROC", "auroc"),
+    ("global.localization_auroc", "global loc. AUROC", "auroc"),
     ("global.shortcut_fraction", "shortcut fraction"),
-    ("deletion_auc", "deletion AUC ↓"),
-    ("insertion_auc", "insertion AUC ↑"),
-    ("peppr.erase_area", "PEPPR erase ↓"),
+    ("deletion_auc", "deletion AUC"),
+    ("insertion_auc", "insertion AUC"),
+    ("peppr.erase_area", "PEPPR erase"),
     ("peppr.random_erase_area", "random erase"),
-    ("peppr.restore_area", "PEPPR restore ↑"),
+    ("peppr.restore_area", "PEPPR restore"),
     ("peppr.random_restore_area", "random restore"),
-    ("sanity.rank_correlation_fully_randomized", "sanity ρ ↓"),
+    ("sanity.rank_correlation_fully_randomized", "sanity ρ"),
 ]
 
 

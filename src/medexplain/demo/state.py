@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from ..data.synthetic import SyntheticBenchmark
+from ..explain.batch import ExplainedSet
 from ..globalmaps import GlobalResult
 from ..models.train import TrainHistory
-from ..pipeline import ExplainedSet
 from .settings import DemoSettings
 
 

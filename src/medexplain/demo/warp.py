@@ -3,7 +3,7 @@
 A conditional warping simulator is fitted for the benchmark's ``atrophy`` class against the
 demo classifier (removal on atrophy images, injection on the others), then scored on held-out
 test images the classifier gets right
-(:func:`~medexplain.explain.generative.warp_evaluation.evaluate_warp_simulator`): removal on
+(:func:`~medexplain.metrics.warp.evaluate_warp_simulator`): removal on
 atrophy images, injection into healthy ones. Writes ``warp_simulator.pt`` (loads with
 ``weights_only=True``), ``figures/warp_removal.png`` and ``figures/warp_injection.png``
 (original, simulated, ``|u|``, Jacobian centred at 1) and, for volumes, NIfTI files in
@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from ..data.synthetic import SyntheticBenchmark
-from ..explain.generative.warp_evaluation import DIRECTIONS, evaluate_warp_simulator
-from ..explain.generative.warp_figures import plot_simulation
+from ..explain.batch import predicted_classes
 from ..explain.generative.warp_simulator import fit_warp_simulator
-from ..pipeline import predicted_classes
+from ..metrics.warp import SHIFTS, evaluate_warp_simulator
 from ..report.nifti import save_nifti
+from ..report.warp_plot import plot_simulation
 from .state import DemoState
 
 WARP_CLASS = "atrophy"
@@ -94,13 +94,13 @@ def run_warp_section(
         ),
     }
     region = test.regions[WARP_CLASS]
+    removal, injection = parts["removal"], parts["injection"]
     entry["scores"] = evaluate_warp_simulator(
         explainer,
-        cls,
-        parts["removal"].images,
-        parts["injection"].images,
-        removal_truth=parts["removal"].evidence,
-        injection_truth=region[None],
+        torch.cat([removal.images, injection.images]),
+        torch.cat([removal.labels, injection.labels]),
+        target_class=cls,
+        masks=torch.cat([removal.evidence, region[None].expand(len(injection), *region.shape)]),
     )
 
     figures: dict[str, Path] = {}
@@ -113,7 +113,7 @@ def run_warp_section(
         simulated, det = plot_simulation(
             explainer,
             part.images[:2],
-            DIRECTIONS[name],
+            SHIFTS[name],
             cls,
             path=figures[f"warp_{name}"],
             slice_index=slice_index,
