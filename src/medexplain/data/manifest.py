@@ -190,6 +190,37 @@ def read_csv_manifest(
             unknown class name, bad 0/1 or flip value (naming the row).
     """
     csv_path = Path(csv_path)
+    reader, columns = _csv_reader(csv_path, path_column)
+    if labels is not None:
+        labels = [str(name) for name in labels]
+    chosen = _Columns(path_column, mask_column, flip_column, label_column, labels)
+    chosen.check(csv_path, columns)
+    base = csv_path.parent
+    raw_labels: list[tuple[int, str]] = []
+    records: list[Record] = []
+    for number, row in enumerate(reader, start=2):  # row 1 is the header
+        row = {k: (v or "").strip() for k, v in row.items() if k is not None}
+        if not any(row.values()):
+            continue  # blank line
+        record, raw = _row_record(row, f"{csv_path} row {number}", base, chosen)
+        records.append(record)
+        if raw is not None:
+            raw_labels.append((number, raw))
+    if not records:
+        raise DataError(f"manifest {csv_path} has a header but no rows")
+    if labels is not None:
+        return Manifest(records, list(labels), multilabel=True, source=csv_path)
+    if label_column is None:
+        return Manifest(records, [], source=csv_path)
+    indices, names = _class_indices(raw_labels, class_names, f"manifest {csv_path}", label_column)
+    records = [Record(r.path, index, r.mask, r.flip, r.extra) for r, index in zip(records, indices)]
+    return Manifest(records, names, source=csv_path)
+
+
+def _csv_reader(csv_path: Path, path_column: str) -> tuple[csv.DictReader, list[str]]:
+    """A reader over the rows of ``csv_path`` (delimiter guessed from the header, column
+    names stripped) and the column names; refuses a missing or empty file and a header
+    without ``path_column``."""
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} does not exist or is not a file")
     try:
@@ -203,64 +234,73 @@ def read_csv_manifest(
     reader = csv.DictReader(lines, delimiter=_delimiter(lines[0]))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     reader.fieldnames = columns
-    found = f"columns found: {columns}"
     if path_column not in columns:
-        raise DataError(f"manifest {csv_path} has no '{path_column}' column ({found})")
-    if labels is not None:
-        labels = [str(name) for name in labels]
-        if not labels:
-            raise DataError("labels must name at least one 0/1 label column, got []")
-        missing = [name for name in labels if name not in columns]
-        if missing:
-            raise DataError(f"manifest {csv_path} lacks label column(s) {missing} ({found})")
-        used = {path_column, mask_column, flip_column, *labels}
-    elif label_column is not None:
-        if label_column not in columns:
+        raise DataError(
+            f"manifest {csv_path} has no '{path_column}' column (columns found: {columns})"
+        )
+    return reader, columns
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The column names :func:`read_csv_manifest` was asked to read."""
+
+    path: str
+    mask: str
+    flip: str
+    label: str | None
+    labels: list[str] | None  # multi-label columns; then ``label`` is ignored
+
+    def check(self, csv_path: Path, columns: list[str]) -> None:
+        """Refuse label columns the header lacks."""
+        found = f"columns found: {columns}"
+        if self.labels is not None:
+            if not self.labels:
+                raise DataError("labels must name at least one 0/1 label column, got []")
+            missing = [name for name in self.labels if name not in columns]
+            if missing:
+                raise DataError(f"manifest {csv_path} lacks label column(s) {missing} ({found})")
+        elif self.label is not None and self.label not in columns:
             raise DataError(
-                f"manifest {csv_path} has no '{label_column}' label column ({found}); pass "
+                f"manifest {csv_path} has no '{self.label}' label column ({found}); pass "
                 "labels=[...] for multi-label 0/1 columns or label_column=None for unlabelled data"
             )
-        used = {path_column, mask_column, flip_column, label_column}
-    else:
-        used = {path_column, mask_column, flip_column}
-    base = csv_path.parent
-    raw_labels: list[tuple[int, str]] = []
-    records: list[Record] = []
-    for number, row in enumerate(reader, start=2):  # row 1 is the header
-        row = {k: (v or "").strip() for k, v in row.items() if k is not None}
-        where = f"{csv_path} row {number}"
-        if not any(row.values()):
-            continue  # blank line
-        if not row.get(path_column):
-            raise DataError(f"{where}: empty '{path_column}'")
-        mask = _resolve(base, row[mask_column]) if row.get(mask_column) else None
-        flip = _parse_flag(row.get(flip_column, ""), where) if flip_column in row else False
-        label: int | tuple[float, ...] = -1
-        if labels is not None:
-            values = []
-            for name in labels:
-                value = _parse_int(row.get(name, ""))
-                if value not in (0, 1):
-                    raise DataError(
-                        f"{where}: label column '{name}' holds {row.get(name)!r}; expected 0 or 1"
-                    )
-                values.append(float(value))
-            label = tuple(values)
-        elif label_column is not None:
-            if not row.get(label_column):
-                raise DataError(f"{where}: empty '{label_column}'")
-            raw_labels.append((number, row[label_column]))
-        extra = {k: v for k, v in row.items() if k not in used}
-        records.append(Record(_resolve(base, row[path_column]), label, mask, flip, extra))
-    if not records:
-        raise DataError(f"manifest {csv_path} has a header but no rows")
-    if labels is not None:
-        return Manifest(records, list(labels), multilabel=True, source=csv_path)
-    if label_column is None:
-        return Manifest(records, [], source=csv_path)
-    indices, names = _class_indices(raw_labels, class_names, f"manifest {csv_path}", label_column)
-    records = [Record(r.path, index, r.mask, r.flip, r.extra) for r, index in zip(records, indices)]
-    return Manifest(records, names, source=csv_path)
+
+    @property
+    def used(self) -> set[str]:
+        """Columns that are not kept in ``Record.extra``."""
+        if self.labels is not None:
+            return {self.path, self.mask, self.flip, *self.labels}
+        label = () if self.label is None else (self.label,)
+        return {self.path, self.mask, self.flip, *label}
+
+
+def _row_record(
+    row: dict[str, str], where: str, base: Path, columns: _Columns
+) -> tuple[Record, str | None]:
+    """The record of one non-blank row, and its raw single-label cell (None for multi-label
+    or unlabelled data; the class index is filled in once every row is read)."""
+    if not row.get(columns.path):
+        raise DataError(f"{where}: empty '{columns.path}'")
+    mask = _resolve(base, row[columns.mask]) if row.get(columns.mask) else None
+    flip = _parse_flag(row.get(columns.flip, ""), where) if columns.flip in row else False
+    label: int | tuple[float, ...] = -1
+    raw = None
+    if columns.labels is not None:
+        label = tuple(_binary(row, name, where) for name in columns.labels)
+    elif columns.label is not None:
+        raw = row.get(columns.label)
+        if not raw:
+            raise DataError(f"{where}: empty '{columns.label}'")
+    extra = {k: v for k, v in row.items() if k not in columns.used}
+    return Record(_resolve(base, row[columns.path]), label, mask, flip, extra), raw
+
+
+def _binary(row: dict[str, str], name: str, where: str) -> float:
+    value = _parse_int(row.get(name, ""))
+    if value not in (0, 1):
+        raise DataError(f"{where}: label column '{name}' holds {row.get(name)!r}; expected 0 or 1")
+    return float(value)
 
 
 def _class_indices(
