@@ -34,7 +34,7 @@ import csv
 import heapq
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,109 +250,28 @@ def check_alignment(
     if threshold is not None and not -1.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold is a correlation in [-1, 1], got {threshold}")
     source = _Source(data)
-    n = source.n
-    if n == 0:
+    if source.n == 0:
         raise DataError("check_alignment got no images")
-    errors: dict[int, str] = {}
-    total: np.ndarray | None = None
-    count = 0
-    shape: tuple[int, ...] | None = None
-
-    def read(i: int) -> np.ndarray | None:
-        nonlocal shape
-        if i in errors:
-            return None
-        image, error = source.get(i)
-        if image is None:
-            errors[i] = error or "unreadable"
-            return None
-        if image.ndim not in (3, 4):
-            raise DataError(f"image {source.paths[i]} has shape {image.shape}; expected (C, *S)")
-        finite = np.isfinite(image)
-        if not finite.all():
-            bad = int(image.size - np.count_nonzero(finite))
-            errors[i] = f"image {source.paths[i]} has {bad} NaN/Inf value(s); left out"
-            return None
-        if shape is None:
-            shape = image.shape
-        elif image.shape != shape:
-            raise DataError(
-                f"image {source.paths[i]} has shape {image.shape} but the first image has "
-                f"{shape}; resample them to one shape first"
-            )
-        return image
-
-    fixed = None
-    if template is not None:
-        fixed = _as_array(template)
+    reader = _Reader(source)
+    fixed = None if template is None else _as_array(template)
     with progress_bar(progress) as bar:
-        if fixed is None:
-            task = bar.add_task("alignment: mean image", total=n)
-            for i in range(n):
-                image = read(i)
-                bar.advance(task)
-                if image is None:
-                    continue
-                total = image.copy() if total is None else total + image
-                count += 1
-            if count == 0:
-                raise DataError(
-                    f"none of the {n} images could be read; first error: "
-                    f"{next(iter(errors.values()))}"
-                )
-        task = bar.add_task("alignment: correlations", total=n)
-        correlation = np.full(n, np.nan)
-        mirror = np.full(n, np.nan)
-        worst_low: list[tuple[float, int, np.ndarray]] = []
-        worst_flip: list[tuple[float, int, np.ndarray]] = []
-        axis = None
-        for i in range(n):
-            image = read(i)
-            bar.advance(task)
-            if image is None:
-                continue
-            if fixed is not None:
-                reference = fixed
-                if reference.ndim == image.ndim - 1:
-                    reference = np.broadcast_to(reference[None], image.shape)
-                if reference.shape != image.shape:
-                    raise DataError(
-                        f"template has shape {fixed.shape}; the images have {image.shape}"
-                    )
-            elif count > 1:
-                reference = (total - image) / (count - 1)
-            else:
-                reference = total
-            if axis is None:
-                dims = image.ndim - 1
-                chosen = source.lr_axis if lr_axis is None else lr_axis
-                if not -dims <= chosen < dims:
-                    raise ValueError(f"lr_axis={chosen} is not a spatial axis of {dims}D images")
-                axis = 1 + chosen % dims
-            correlation[i] = _pearson(image, reference)
-            mirror[i] = _pearson(image, np.flip(reference, axis=axis))
-            if n_previews > 0:
-                entry_low = (-correlation[i], i, image)
-                entry_flip = (mirror[i] - correlation[i], i, image)
-                for heap, entry in ((worst_low, entry_low), (worst_flip, entry_flip)):
-                    if len(heap) < n_previews:
-                        heapq.heappush(heap, (entry[0], entry[1], preview(entry[2])))
-                    elif entry[0] > heap[0][0]:
-                        heapq.heapreplace(heap, (entry[0], entry[1], preview(entry[2])))
-    valid = np.isfinite(correlation)
-    gain = mirror - correlation
-    low_cut = _robust_cut(correlation[valid], k, min_spread, -1) if valid.any() else math.nan
-    flip_cut = _robust_cut(gain[valid], k, min_spread, +1) if valid.any() else math.nan
-    if threshold is not None:
-        low_cut = max(low_cut, float(threshold))
-    with np.errstate(invalid="ignore"):
-        low = valid & (correlation < low_cut)
-        flipped = valid & (gain > flip_margin) & (gain > flip_cut)
+        total, count = (None, 0) if fixed is not None else _mean_pass(reader, bar)
+        template_of = _LeaveOneOut(total, count) if fixed is None else _Given(fixed)
+        correlation, mirror, previews = _correlation_pass(
+            reader, template_of, lr_axis, n_previews, bar
+        )
+    low, flipped, low_cut, flip_cut = _flags(
+        correlation,
+        mirror,
+        k=k,
+        min_spread=min_spread,
+        threshold=threshold,
+        flip_margin=flip_margin,
+    )
     if fixed is not None:
-        template_out = np.broadcast_to(fixed, shape or fixed.shape).astype(np.float32)
+        template_out = np.broadcast_to(fixed, reader.shape or fixed.shape).astype(np.float32)
     else:
         template_out = (total / count).astype(np.float32)
-    previews = {i: p for _, i, p in worst_low + worst_flip}
     params = dict(
         k=float(k),
         threshold=threshold,
@@ -366,10 +285,178 @@ def check_alignment(
         mirror_correlation=mirror,
         low=low,
         flipped=flipped,
-        errors=errors,
+        errors=reader.errors,
         template=template_out,
         low_cut=float(low_cut),
         flip_cut=float(flip_cut),
         params=params,
         previews=previews,
     )
+
+
+class _Reader:
+    """Reads image ``i`` of a source for each pass; an image that fails to load or holds
+    NaN/Inf is recorded in ``errors`` once and left out of every pass. ``shape`` is the
+    first image's; every other must match."""
+
+    def __init__(self, source: _Source) -> None:
+        self.source = source
+        self.errors: dict[int, str] = {}
+        self.shape: tuple[int, ...] | None = None
+
+    def read(self, i: int) -> np.ndarray | None:
+        if i in self.errors:
+            return None
+        path = self.source.paths[i]
+        image, error = self.source.get(i)
+        if image is None:
+            self.errors[i] = error or "unreadable"
+            return None
+        if image.ndim not in (3, 4):
+            raise DataError(f"image {path} has shape {image.shape}; expected (C, *S)")
+        finite = np.isfinite(image)
+        if not finite.all():
+            bad = int(image.size - np.count_nonzero(finite))
+            self.errors[i] = f"image {path} has {bad} NaN/Inf value(s); left out"
+            return None
+        if self.shape is None:
+            self.shape = image.shape
+        elif image.shape != self.shape:
+            raise DataError(
+                f"image {path} has shape {image.shape} but the first image has "
+                f"{self.shape}; resample them to one shape first"
+            )
+        return image
+
+
+def _mean_pass(reader: _Reader, bar: Any) -> tuple[np.ndarray, int]:
+    """The reading pass: the sum of every readable image and their count."""
+    n = reader.source.n
+    task = bar.add_task("alignment: mean image", total=n)
+    total: np.ndarray | None = None
+    count = 0
+    for i in range(n):
+        image = reader.read(i)
+        bar.advance(task)
+        if image is None:
+            continue
+        total = image.copy() if total is None else total + image
+        count += 1
+    if total is None:
+        raise DataError(
+            f"none of the {n} images could be read; first error: "
+            f"{next(iter(reader.errors.values()))}"
+        )
+    return total, count
+
+
+class _LeaveOneOut:
+    """The dataset mean without the image itself (the whole sum when only one was read)."""
+
+    def __init__(self, total: np.ndarray, count: int) -> None:
+        self.total, self.count = total, count
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.count > 1:
+            return (self.total - image) / (self.count - 1)
+        return self.total
+
+
+class _Given:
+    """A given template ``(C, *S)``, or ``(*S)`` broadcast over the channels."""
+
+    def __init__(self, fixed: np.ndarray) -> None:
+        self.fixed = fixed
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        reference = self.fixed
+        if reference.ndim == image.ndim - 1:
+            reference = np.broadcast_to(reference[None], image.shape)
+        if reference.shape != image.shape:
+            raise DataError(f"template has shape {self.fixed.shape}; the images have {image.shape}")
+        return reference
+
+
+def _mirror_axis(image: np.ndarray, source_axis: int, lr_axis: int | None) -> int:
+    """The array axis of ``image`` ``(C, *S)`` to mirror: ``lr_axis`` if given, else the
+    source's left-right axis."""
+    dims = image.ndim - 1
+    chosen = source_axis if lr_axis is None else lr_axis
+    if not -dims <= chosen < dims:
+        raise ValueError(f"lr_axis={chosen} is not a spatial axis of {dims}D images")
+    return 1 + chosen % dims
+
+
+def _correlation_pass(
+    reader: _Reader,
+    template_of: Callable[[np.ndarray], np.ndarray],
+    lr_axis: int | None,
+    n_previews: int,
+    bar: Any,
+) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """The correlation pass: ``(correlation, mirror correlation, previews)``, NaN for the
+    images left out; previews of the ``n_previews`` lowest correlations and largest
+    mirror gains."""
+    n = reader.source.n
+    task = bar.add_task("alignment: correlations", total=n)
+    correlation = np.full(n, np.nan)
+    mirror = np.full(n, np.nan)
+    worst = _Worst(n_previews)
+    axis = None
+    for i in range(n):
+        image = reader.read(i)
+        bar.advance(task)
+        if image is None:
+            continue
+        reference = template_of(image)
+        if axis is None:
+            axis = _mirror_axis(image, reader.source.lr_axis, lr_axis)
+        correlation[i] = _pearson(image, reference)
+        mirror[i] = _pearson(image, np.flip(reference, axis=axis))
+        worst.offer(i, image, correlation[i], mirror[i])
+    return correlation, mirror, worst.previews()
+
+
+class _Worst:
+    """Previews of the ``n`` images with the lowest correlation and of the ``n`` with the
+    largest mirror gain, kept in two bounded heaps while streaming."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.low: list[tuple[float, int, np.ndarray]] = []
+        self.flip: list[tuple[float, int, np.ndarray]] = []
+
+    def offer(self, i: int, image: np.ndarray, correlation: float, mirror: float) -> None:
+        if self.n <= 0:
+            return
+        for heap, score in ((self.low, -correlation), (self.flip, mirror - correlation)):
+            if len(heap) < self.n:
+                heapq.heappush(heap, (score, i, preview(image)))
+            elif score > heap[0][0]:
+                heapq.heapreplace(heap, (score, i, preview(image)))
+
+    def previews(self) -> dict[int, np.ndarray]:
+        return {i: p for _, i, p in self.low + self.flip}
+
+
+def _flags(
+    correlation: np.ndarray,
+    mirror: np.ndarray,
+    *,
+    k: float,
+    min_spread: float,
+    threshold: float | None,
+    flip_margin: float,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The robust cut: ``(low, flipped, low_cut, flip_cut)`` (see the module docstring);
+    NaN correlations are never flagged."""
+    valid = np.isfinite(correlation)
+    gain = mirror - correlation
+    low_cut = _robust_cut(correlation[valid], k, min_spread, -1) if valid.any() else math.nan
+    flip_cut = _robust_cut(gain[valid], k, min_spread, +1) if valid.any() else math.nan
+    if threshold is not None:
+        low_cut = max(low_cut, float(threshold))
+    with np.errstate(invalid="ignore"):
+        low = valid & (correlation < low_cut)
+        flipped = valid & (gain > flip_margin) & (gain > flip_cut)
+    return low, flipped, low_cut, flip_cut
