@@ -63,6 +63,7 @@ __all__ = [
     "read_model_config",
 ]
 
+
 def load_model(
     model_path: str | os.PathLike | None,
     factory: str | None = None,
