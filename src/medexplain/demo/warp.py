@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.synthetic import SyntheticBenchmark
 from ..explain.batch import predicted_classes
-from ..explain.generative.warp_simulator import fit_warp_simulator
+from ..explain.generative.warp_simulator import WarpSimulatorExplainer, fit_warp_simulator
 from ..metrics.warp import SHIFTS, evaluate_warp_simulator
 from ..report.nifti import save_nifti
 from ..report.warp_plot import plot_simulation
@@ -103,6 +103,23 @@ def run_warp_section(
         masks=torch.cat([removal.evidence, region[None].expand(len(injection), *region.shape)]),
     )
 
+    figures = _draw(explainer, parts, cls, region, names, out, test.images.dim() == 5)
+    entry["seconds_total"] = time.perf_counter() - started
+    return entry, figures
+
+
+def _draw(
+    explainer: WarpSimulatorExplainer,
+    parts: dict[str, SyntheticBenchmark],
+    cls: int,
+    region: torch.Tensor,
+    names: list[str],
+    out: Path,
+    volumes: bool,
+) -> dict[str, Path]:
+    """The figures of the first two images per direction (cut through ``region`` ``(1, *S)``
+    for volumes); for volumes also their Jacobian and simulated image as NIfTI, and the mean
+    log J of the removals."""
     figures: dict[str, Path] = {}
     slice_index = _slice_through(region[0])
     maps_dir = out / "maps" / "warp_simulator"
@@ -119,14 +136,13 @@ def run_warp_section(
             slice_index=slice_index,
             titles=[f"{name} ({names[int(label)]})" for label in part.labels[:2]],
         )
-        if test.images.dim() == 5:
+        if volumes:
             save_nifti(det[0, 0], maps_dir / f"{name}_jacobian.nii.gz")
             save_nifti(simulated[0, 0], maps_dir / f"{name}_simulated.nii.gz")
-    if test.images.dim() == 5 and len(parts["removal"]):
+    if volumes and len(parts["removal"]):
         mean_map = explainer(parts["removal"].images, cls).mean(0)[0]
         save_nifti(mean_map, maps_dir / "removal_mean_log_jacobian.nii.gz")
-    entry["seconds_total"] = time.perf_counter() - started
-    return entry, figures
+    return figures
 
 
 def run_warp(state: DemoState) -> DemoState:
