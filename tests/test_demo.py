@@ -49,6 +49,10 @@ def test_tiny_demo_writes_everything(tmp_path):
     results = run_demo(tmp_path, settings, progress=False)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["methods"].keys() == {"saliency", "gradcam"}
+    # Saliency is |gradient| (Simonyan et al. 2014) and Grad-CAM ReLU-ed (Selvaraju et al.
+    # 2017): both unsigned at their defaults, as the explainer instances report.
+    assert not on_disk["methods"]["saliency"]["signed"]
+    assert not on_disk["methods"]["gradcam"]["signed"]
     for method in on_disk["methods"].values():
         for key in REQUIRED:
             assert _get(method, key) is not None, key
