@@ -217,7 +217,7 @@ def test_deterministic_by_seed_and_chunk_invariant(monkeypatch):
     assert not torch.equal(a.labels, c.labels)
     # Other chunks or a subset of the subjects give the same images (up to float rounding
     # of vectorised kernels) and the same masks.
-    monkeypatch.setattr(syn, "CHUNK_PIXELS", 7 * 32 * 32)
+    monkeypatch.setattr(syn.rendering, "CHUNK_PIXELS", 7 * 32 * 32)
     chunked = syn.render(subjects)
     assert torch.allclose(chunked.images, a.images, atol=1e-5, rtol=0)
     assert torch.equal(chunked.evidence, a.evidence)
