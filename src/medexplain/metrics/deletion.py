@@ -26,7 +26,7 @@ from torch import nn
 
 from ..core.model import model_device, model_guard
 from ..core.perturb import apply_mask, make_baseline, rank_pixels
-from ..core.scores import ACTIVATIONS, as_targets, check_targets, probabilities
+from ..core.scores import ACTIVATIONS, as_targets, check_targets, chunked, probabilities
 from ..core.spatial import spatial_dims_of
 
 DIRECTIONS = {"deletion_auc": "lower", "insertion_auc": "higher"}
@@ -116,7 +116,7 @@ def deletion_insertion(
     with model_guard(model), torch.no_grad():
 
         def logits() -> torch.Tensor:
-            return torch.cat([model(part) for part in torch.split(x, batch_size)])
+            return chunked(model, x, batch_size)
 
         targets = as_targets(y, n_images, device=device, logits=logits)
         fill = make_baseline(x, baseline, mean_image)
