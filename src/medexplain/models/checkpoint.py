@@ -336,8 +336,10 @@ def load_checkpoint(
 
 def _register_defaults() -> None:
     from .cnn import CNNConfig, build_classifier
+    from .standard import StandardNetConfig, build_standard_network
 
     register_builder("classifier", CNNConfig, build_classifier)
+    register_builder("standard_network", StandardNetConfig, build_standard_network)
 
 
 _register_defaults()
