@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: demo test test-min lint format venv clean
+.PHONY: demo test test-min lint format venv clean cohort-data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +14,20 @@ $(STAMP): pyproject.toml
 	# The pinned CPU wheel first: anything looser pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev,cohorts]'
+	$(MAKE) cohort-data
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The chest cohort's real annotations (lung masks, RSNA boxes, SIIM masks) are package data
+# of the torchxrayvision wheel: fetched without its dependencies (torchvision is never
+# installed) and read as a zip file, never installed or imported.
+CXR_WHEEL := .cache/wheels/torchxrayvision-1.5.7-py3-none-any.whl
+
+cohort-data: $(CXR_WHEEL)
+
+$(CXR_WHEEL):
+	$(BIN)/pip download --no-deps --quiet -d .cache/wheels torchxrayvision==1.5.7
 
 demo: $(STAMP)
 	$(BIN)/medexplain demo $(DEMO_ARGS)
