@@ -2,5 +2,6 @@
 the ground truth of where its class evidence is (see :mod:`.base`)."""
 
 from .base import Cohort, stratified_split
+from .retina import make_retina
 
-__all__ = ["Cohort", "stratified_split"]
+__all__ = ["Cohort", "make_retina", "stratified_split"]
