@@ -43,8 +43,8 @@ RETINA_CLASSES = ("healthy", "macular", "peripheral")
 # Landmarks of skimage.data.retina() in its own pixels (row, col), 1411 x 1411. The disc
 # centre is the maximum and the fovea the minimum of the Gaussian-smoothed brightness
 # (tests/test_cohort_retina.py finds both again); the disc diameter was read off the
-# photograph and agrees with the anatomical disc-fovea distance of about 2.5 disc diameters
-# (Rohrschneider, Invest. Ophthalmol. Vis. Sci. 45:3044, 2004: 4.4 mm for a 1.8 mm disc).
+# photograph and agrees with the usual anatomical disc-fovea distance of about 2.5 disc
+# diameters. The field is the circle of the camera's aperture against the black surround.
 RETINA_LANDMARKS = {
     "shape": (1411, 1411),
     "disc": (657.0, 249.0),
@@ -87,8 +87,10 @@ def _to_grid(rc: tuple[float, float], size: int) -> torch.Tensor:
 def retina_source(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The photograph at ``size`` x ``size``: ``(background (3, S, S), vessels (3, S, S),
     fundus (1, S, S))`` float32, background + vessels = the downsampled photograph in
-    [0, 1]; vessels <= 0 (a grey closing of radius ~2 px per 128 px fills them); fundus is
-    1 inside the camera's circular field. Cached per process."""
+    [0, 1] (except in a band of a few pixels along the image border, where the vessels are
+    set to 0 because the closing is unreliable there); vessels <= 0 (a grey closing with a
+    disc of radius ~2 px per 128 px fills them); fundus is 1 inside the camera's circular
+    field. Cached per process."""
     from scipy import ndimage
     from skimage import data, transform
 
@@ -102,7 +104,7 @@ def retina_source(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     image = small.transpose(2, 0, 1)
     fundus = _fundus_disc(size)[None].numpy().astype(np.float32)
     vessels = np.minimum(image - closed, 0.0) * fundus
-    band = radius + 1  # the closing is unreliable where the field meets the image border
+    band = radius + 1
     vessels[:, :band] = vessels[:, -band:] = vessels[:, :, :band] = vessels[:, :, -band:] = 0.0
     background = image - vessels
     return torch.from_numpy(background), torch.from_numpy(vessels), torch.from_numpy(fundus)
@@ -321,11 +323,9 @@ def make_retina(
     g_labels, g_anatomy, g_lesions, g_shortcut = _generators(seed)
     labels = (torch.arange(n) % len(RETINA_CLASSES))[torch.randperm(n, generator=g_labels)]
     geometry = _subject_geometry(g_anatomy, n, size, max_angle, max_scale)
-    variation = {
-        "illumination": illumination,
-        "colour_gain": colour_gain,
-        "vessel_contrast": vessel_contrast,
-    }
+    variation = dict(
+        illumination=illumination, colour_gain=colour_gain, vessel_contrast=vessel_contrast
+    )
     healthy = _healthy_images(g_anatomy, geometry, size, variation)
     lesions = _place_lesions(g_lesions, geometry, labels, size)
     diseased, evidence = _paint_lesions(healthy, lesions)
@@ -344,20 +344,11 @@ def make_retina(
     }
     if counterfactual:
         extra["counterfactual"] = torch.where(stamp, colour, healthy.clamp(0.0, 1.0))
-    config = {
-        "cohort": "retina",
-        "source": "skimage.data.retina",
-        "n": n,
-        "size": size,
-        "seed": seed,
-        "value_range": (0.0, 1.0),
-        "shortcut": shortcut,
-        "shortcut_class": shortcut_class,
-        "max_angle": max_angle,
-        "max_scale": max_scale,
-        **variation,
-        "landmarks": dict(RETINA_LANDMARKS),
-    }
+    config = dict(
+        cohort="retina", source="skimage.data.retina", n=n, size=size, seed=seed,
+        value_range=(0.0, 1.0), shortcut=shortcut, shortcut_class=shortcut_class,
+        max_angle=max_angle, max_scale=max_scale, landmarks=dict(RETINA_LANDMARKS), **variation,
+    )  # fmt: skip
     return Cohort(
         images=images.float().contiguous(),
         labels=labels.long(),
