@@ -16,6 +16,7 @@ from medexplain.data.cohorts import retina as retina_module
 from medexplain.data.cohorts.retina import (
     RETINA_CLASSES,
     RETINA_LANDMARKS,
+    as_left_eyes,
     make_retina,
     retina_regions,
 )
@@ -119,8 +120,8 @@ def test_lesions_lie_in_the_region_of_their_class(cohort):
 
 def test_without_rotation_unmirrored_evidence_lies_in_the_class_regions():
     c = make_retina(45, size=SIZE, seed=5, max_angle=0.0, max_scale=0.0)
-    evidence = c.evidence.clone()
-    evidence[c.extra["flip"]] = evidence[c.extra["flip"]].flip(-1)
+    evidence = as_left_eyes(c.evidence, c.extra["flip"])
+    assert torch.equal(as_left_eyes(evidence, c.extra["flip"]), c.evidence)
     for label, name in ((1, "macular"), (2, "peripheral")):
         ev = evidence[c.labels == label]
         assert ev.any()
@@ -221,9 +222,7 @@ def test_invalid_arguments():
 def _dark_spot_features(c) -> np.ndarray:
     """Per 8 x 8 cell, the mean black top-hat of the green channel (dark details smaller
     than 5 px), after mirroring right eyes back: a generic, label-free image feature."""
-    x = c.images.clone()
-    x[c.extra["flip"]] = x[c.extra["flip"]].flip(-1)
-    green = x[:, 1:2]
+    green = as_left_eyes(c.images, c.extra["flip"])[:, 1:2]
     closing = -F.max_pool2d(-F.max_pool2d(green, 5, 1, 2), 5, 1, 2)
     return F.avg_pool2d(closing - green, 8).flatten(1).numpy()
 

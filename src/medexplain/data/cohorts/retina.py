@@ -19,8 +19,10 @@ its healthy counterfactual outside it.
 
 Alignment: ``regions`` are in the photograph's frame (a left eye). ``extra["flip"]`` marks
 the mirrored (right) eyes; mirroring those images and maps back left/right aligns every image
-by disc and fovea up to the small rotation and scale. ``extra["disc"]`` and
-``extra["fovea"]`` give each image's landmarks in its own pixels.
+by disc and fovea up to the small rotation and scale (:func:`as_left_eyes` does it).
+``extra["disc"]`` and ``extra["fovea"]`` give each image's landmarks in its own pixels. The
+photograph's notch (a mark of its camera, top right) mirrors with the eye; it says which eye
+an image shows, never its class.
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ from ...core.spatial import resize
 from ..deform import random_rotation_scale, uniform
 from .base import Cohort
 
-__all__ = ["RETINA_CLASSES", "RETINA_LANDMARKS", "make_retina", "retina_source"]
+__all__ = [
+    "RETINA_CLASSES",
+    "RETINA_LANDMARKS",
+    "as_left_eyes",
+    "make_retina",
+    "retina_regions",
+    "retina_source",
+]
 
 RETINA_CLASSES = ("healthy", "macular", "peripheral")
 
@@ -214,10 +223,10 @@ def _place_lesions(
     index = torch.arange(k)
     wanted = torch.where(blot, index - dots < count_blots, index < count_dots)
     fovea, disc = geometry["fovea"][:, None, None], geometry["disc"][:, None, None]
-    # Macular candidates: uniform over the disc of radius dd - a around the fovea.
-    r_mac = (dd - a)[..., None] * torch.sqrt(torch.rand(n, k, cand, generator=g))
-    phi = 2 * math.pi * torch.rand(n, k, cand, generator=g)
-    macular = fovea + r_mac[..., None] * torch.stack([phi.sin(), phi.cos()], -1)
+    # Macular centres: uniform over the disc of radius dd - a around the fovea.
+    r_mac = (dd - a) * torch.sqrt(torch.rand(n, k, generator=g))
+    phi = 2 * math.pi * torch.rand(n, k, generator=g)
+    macular = fovea[:, 0] + r_mac[..., None] * torch.stack([phi.sin(), phi.cos()], -1)
     # Peripheral candidates: uniform over the fundus circle, rejected where invalid.
     fundus_r = RETINA_LANDMARKS["fundus_radius"] * size / RETINA_LANDMARKS["shape"][0]
     fundus_r = fundus_r / geometry["scale"][:, None, None]
@@ -233,7 +242,6 @@ def _place_lesions(
     )
     first = valid.float().argmax(-1, keepdim=True)  # first valid candidate
     peripheral = peripheral.gather(2, first[..., None].expand(-1, -1, 1, 2))[:, :, 0]
-    macular = macular[:, :, 0]
     is_macular = (labels == 1)[:, None, None]
     centre_rc = torch.where(is_macular, macular, peripheral)
     found = torch.where(is_macular[..., 0], True, valid.any(-1))
@@ -268,6 +276,15 @@ def _paint_lesions(
     )
     evidence = (torch.maximum(alpha["dot"], alpha["blot"]) > 0)[:, None]
     return image * (1 - darkening), evidence
+
+
+def as_left_eyes(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror left/right the items of ``x`` ``(N, ..., S, S)`` where ``flip`` ``(N,)`` is
+    set (the right eyes), so that images, evidence or attribution maps of a cohort align by
+    disc and fovea with its ``regions``. A copy; ``x`` is unchanged."""
+    out = x.clone()
+    out[flip] = out[flip].flip(-1)
+    return out
 
 
 def _stamp_mask(size: int) -> torch.Tensor:
