@@ -240,3 +240,36 @@ def test_learnable_by_a_small_classifier():
     y = test.labels.numpy()
     for k in range(3):  # one class against the rest
         assert metrics.roc_auc_score(y == k, proba[:, k]) >= 0.8
+
+
+@pytest.mark.slow
+def test_learnable_from_raw_pixels_by_a_tiny_cnn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    torch.manual_seed(0)
+    train = make_retina(240, size=SIZE, seed=0)
+    test = make_retina(90, size=SIZE, seed=1)
+    x = as_left_eyes(train.images, train.extra["flip"])
+    x_test = as_left_eyes(test.images, test.extra["flip"])
+    nn = torch.nn
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(4),
+        nn.Flatten(), nn.Linear(16 * (SIZE // 8) ** 2, 3),
+    )  # fmt: skip
+    optimiser = torch.optim.Adam(net.parameters(), 3e-3)
+    order = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        net.train()
+        perm = torch.randperm(len(train), generator=order)
+        for start in range(0, len(train), 32):
+            batch = perm[start : start + 32]
+            loss = F.cross_entropy(net(x[batch]), train.labels[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    net.eval()
+    with torch.no_grad():
+        proba = net(x_test).softmax(1).numpy()
+    y = test.labels.numpy()
+    for k in range(3):
+        assert metrics.roc_auc_score(y == k, proba[:, k]) >= 0.8
