@@ -2,6 +2,7 @@
 the ground truth of where its class evidence is (see :mod:`.base`)."""
 
 from .base import Cohort, stratified_split
+from .chest import make_chest
 from .retina import make_retina
 
-__all__ = ["Cohort", "make_retina", "stratified_split"]
+__all__ = ["Cohort", "make_chest", "make_retina", "stratified_split"]
