@@ -69,6 +69,17 @@ def test_siim_masks_come_from_real_codes():
 
 
 @needs_wheel
+def test_siim_codes_decode_upright_apical_pneumothoraces():
+    # In upright radiographs free pleural air collects at the apex: decoded column-major, most
+    # SIIM masks lie in the upper half of the image (decoded row-major, i.e. transposed, about
+    # half of them would).
+    masks = sources.siim_masks(WHEEL, 60, 32)
+    rows = np.arange(32)[None, :, None]
+    centre = (masks * rows).sum((1, 2)) / masks.sum((1, 2))
+    assert (centre < 16).mean() > 0.75
+
+
+@needs_wheel
 def test_shapes_range_balance(cohort):
     assert cohort.images.shape == (90, 1, 64, 64) and cohort.images.dtype == torch.float32
     assert cohort.images.min() >= 0 and cohort.images.max() <= 1
