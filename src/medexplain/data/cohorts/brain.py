@@ -14,7 +14,7 @@ Per subject (drawn from one seeded generator, bounded uniform draws): a small ro
 scale about the brain centre, a shift, a smooth displacement (Gaussian partition-of-unity
 interpolation of a few control values, at most ``MAX_DISPLACEMENT_MM``: its gradient stays
 far below 1, so the map is a diffeomorphism), a smooth multiplicative bias field, Gaussian
-noise. Intensities are clipped to the template's range ``[0, 1]``.
+noise. Intensities are clipped to ``[0, 1]``, the range of the template's intensities.
 
 Classes (label: name):
 
@@ -25,17 +25,20 @@ Classes (label: name):
   ``|(p - c) / R|``, ``g = (1 - r^2)^3`` for ``r < 1`` and 0 beyond (exactly the identity
   there), ``a > 0`` per side. The tissue map healthy -> subject has Jacobian determinant
   ``J = 1 / det(D psi) = (1 + a g)^(1 - d) / (1 + a g + a r g'(r))``: ``J = (1 + a)^-d < 1``
-  at the centre, ``J > 1`` in a shell around it (the neighbouring CSF, the temporal horn of
-  the lateral ventricle, enlarges: the ellipsoid keeps its volume), ``J = 1`` beyond
-  ``R``. ``extra["jacobian"]`` holds ``J`` per voxel; evidence is the ellipsoid inside
-  which ``|log J| > LOG_J_THRESHOLD`` (filled across the surface where ``J`` crosses 1);
+  at the centre, ``J > 1`` in a shell around it (the surrounding tissue and CSF, among
+  them the temporal horn of the lateral ventricle, expand: the ellipsoid keeps its volume),
+  ``J = 1`` beyond ``R``. ``extra["jacobian"]`` holds ``J`` per voxel; evidence is the
+  ellipsoid inside which ``|log J| > LOG_J_THRESHOLD`` (filled across the surface where
+  ``J`` crosses 1);
 - 2 ``"lesion"``: two to four bright smooth blobs (white-matter hyperintensities) centred in
   the eroded white matter of one lobe (``lobe``), added only where the subject's WM mask is;
   evidence is the blobs' support inside that mask. Hyperintense as on FLAIR/T2 by default;
-  on T1 such lesions look dark, which a negative ``strength`` gives.
+  on T1 such lesions look dark, which ``lesion_polarity="dark"`` gives.
 
 ``effects=False`` renders the same subjects without their effect (same deformation, bias and
-noise): the healthy counterfactual, equal to the image outside the evidence mask. No paper
+noise): the healthy counterfactual. Outside the evidence mask it equals the image exactly
+for lesions, and for atrophy up to the sub-voxel displacement left where
+``|log J| <= LOG_J_THRESHOLD`` (a few micrometres at most). No paper
 fixes these constants; they are chosen so that a small classifier separates the classes at
 ``strength=1`` on the 4 mm grid, with effects of a clinically plausible place and size.
 """
@@ -289,6 +292,21 @@ def _render_chunk(index, points, shape, affine, draws, centres, noise_gen, optio
     return image, atrophy[3][index] | (added != 0), wm
 
 
+def _config(call: dict, shape: tuple[int, ...]) -> dict:
+    """The call's parameters and the geometry and constants a reader of the ground truth needs."""
+    return {
+        "cohort": "brain",
+        **call,
+        "shape": tuple(shape),
+        "value_range": (0.0, 1.0),
+        "atrophy_centres_mm": HIPPOCAMPI_MNI,
+        "atrophy_radii_mm": ATROPHY_RADII_MM,
+        "log_j_threshold": LOG_J_THRESHOLD,
+        "slice_z_mm": SLICE_Z_MM if call["dims"] == 2 else None,
+        "template": "MNI152 ICBM 2009a nonlinear symmetric (nilearn), 2 mm",
+    }
+
+
 def make_brain(
     n: int = 200,
     size: int | tuple[int, ...] | None = None,
@@ -305,7 +323,7 @@ def make_brain(
     """Brain MRI cohort in MNI space (classes and ground truth in the module docstring).
 
     Returns a :class:`Cohort` with ``images`` ``(n, 1, *S)`` float32 in ``[0, 1]``, ``S`` =
-    ``(X, Y, Z)`` (about 41 x 49 x 42 at the default 4 mm; ``size`` fixes the shape instead)
+    ``(X, Y, Z)`` (39 x 47 x 41 at the default 4 mm; ``size`` fixes the shape instead)
     or ``(X, Y)`` for ``dims=2``; ``labels`` balanced over ``BRAIN_CLASSES``; ``evidence``
     ``(n, 1, *S)``; ``regions`` ``{"atrophy": both evidence ellipsoids at the mean
     amplitude, "lesion": the lobe's white matter}`` ``(1, *S)``; ``affine`` ``(4, 4)`` voxel to
@@ -338,26 +356,9 @@ def make_brain(
     jacobian = atrophy[2][:, None]
     mean_amplitude = torch.full((1, 2), sum(ATROPHY_AMPLITUDE) / 2 * max(strength, 1e-6))
     atrophy_region = _atrophy(points, mean_amplitude)[3]
-    config = {
-        "cohort": "brain",
-        "n": n,
-        "seed": seed,
-        "dims": dims,
-        "shape": tuple(shape),
-        "spacing": spacing,
-        "size": size,
-        "strength": strength,
-        "noise": noise,
-        "lobe": lobe,
-        "lesion_polarity": lesion_polarity,
-        "effects": effects,
-        "value_range": (0.0, 1.0),
-        "atrophy_centres_mm": HIPPOCAMPI_MNI,
-        "atrophy_radii_mm": ATROPHY_RADII_MM,
-        "log_j_threshold": LOG_J_THRESHOLD,
-        "slice_z_mm": SLICE_Z_MM if dims == 2 else None,
-        "template": "MNI152 ICBM 2009a nonlinear symmetric (nilearn), 2 mm",
-    }
+    call = {"n": n, "seed": seed, "dims": dims, "spacing": spacing, "size": size}
+    call |= {"strength": strength, "noise": noise, "lobe": lobe, "effects": effects}
+    config = _config(call | {"lesion_polarity": lesion_polarity}, shape)
     return Cohort(
         images=images.float(),
         labels=draws["labels"].long(),

@@ -70,7 +70,7 @@ def brain_grid(
     """Shape ``(X, Y, Z)`` and ``(4, 4)`` MNI affine of the cohort's 3D grid.
 
     The grid covers the template brain mask's bounding box plus ``MARGIN_MM``. By default
-    its spacing is ``spacing`` mm on every axis (about 41 x 49 x 42 voxels at 4 mm);
+    its spacing is ``spacing`` mm on every axis (39 x 47 x 41 voxels at 4 mm);
     ``size`` fixes the shape instead, with per-axis spacing so that it covers the same box.
     """
     volumes, affine = load_mni152()
@@ -155,7 +155,9 @@ def sample_template(channels: torch.Tensor, points: torch.Tensor) -> torch.Tenso
     return sample_channels(channels, grid)
 
 
-def cohort_geometry(dims: int, spacing: float, size) -> tuple[tuple[int, ...], np.ndarray]:
+def cohort_geometry(
+    dims: int, spacing: float, size: int | tuple[int, ...] | None
+) -> tuple[tuple[int, ...], np.ndarray]:
     """Grid shape and ``(4, 4)`` affine for ``dims``; in 2D the axial slice at ``SLICE_Z_MM``
     (voxel ``(i, j, 0)`` maps to ``(x, y, -14)`` mm)."""
     if dims not in (2, 3):
