@@ -142,7 +142,7 @@ def _largest_difference_error(cohort) -> float:
 def test_finite_difference_jacobian_converges_to_the_ground_truth(dims):
     """Central differences converge to the analytic Jacobian: halving the voxel size
     (4 mm -> 2 mm) divides their largest deviation by more than two (first order would
-    halve it; second order quarters it once the grid resolves the 16 mm half-axis)."""
+    halve it; second order quarters it once the grid resolves the 18 mm half-axis)."""
     coarse = _largest_difference_error(make_brain(3, seed=4, dims=dims))
     fine = _largest_difference_error(make_brain(3, seed=4, dims=dims, spacing=2.0))
     assert fine < 0.45 * coarse

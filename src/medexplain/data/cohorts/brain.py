@@ -77,8 +77,8 @@ BRAIN_CLASSES = ("healthy", "atrophy", "lesion")
 # Hippocampal centres in MNI mm (left, right) and the half-axes of the atrophy ellipsoid
 # (x, y, z): the hippocampus is about 40 mm long front to back and 10-15 mm across.
 HIPPOCAMPI_MNI = ((-26.0, -22.0, -14.0), (26.0, -22.0, -14.0))
-ATROPHY_RADII_MM = (16.0, 24.0, 16.0)
-ATROPHY_AMPLITUDE = (0.3, 0.45)  # a: J at the centre is (1 + a)^-3, about 0.46-0.33 in 3D
+ATROPHY_RADII_MM = (18.0, 28.0, 18.0)
+ATROPHY_AMPLITUDE = (0.5, 0.7)  # a: J at the centre is (1 + a)^-3, about 0.30-0.20 in 3D
 LOG_J_THRESHOLD = 0.01
 # Lobes as MNI boxes (lo, hi) per axis in mm, coarse but anatomically on the right side.
 LOBES = {
@@ -88,8 +88,8 @@ LOBES = {
     "temporal": ((-90.0, 90.0), (-70.0, 5.0), (-50.0, 0.0)),
 }
 LESION_COUNT = (2, 4)
-LESION_RADIUS_MM = (6.0, 9.0)
-LESION_CONTRAST = (0.15, 0.25)  # added to the template intensity (WM is about 0.78)
+LESION_RADIUS_MM = (6.0, 10.0)
+LESION_CONTRAST = (0.25, 0.35)  # added to the template intensity (WM is about 0.78)
 MAX_ANGLE = 0.04  # radians, about 2.3 degrees
 MAX_SCALE = 0.03
 MAX_SHIFT_MM = 2.0
