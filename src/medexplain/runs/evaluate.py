@@ -19,6 +19,7 @@ from .atomic import atomic_write_text
 from .errors import RunError
 from .settings import (
     ExplainSettings,
+    check_counts,
     make_explainer,
     open_data,
     open_model,
@@ -219,7 +220,7 @@ def evaluate_run(
     others already in ``evaluation.json`` stay. Returns the whole evaluation dict."""
     from ..metrics.localization import localization_scores
 
-    _check_counts(
+    check_counts(
         limit=limit,
         n_deletion=n_deletion,
         n_sanity=n_sanity,
@@ -243,14 +244,6 @@ def evaluate_run(
         evaluation["sanity"] = _sanity_section(opened, n_sanity)
     atomic_write_text(store.root / "evaluation.json", json.dumps(json_safe(evaluation), indent=2))
     return evaluation
-
-
-def _check_counts(**values: int | None) -> None:
-    """Refuse counts below 1 (RunError naming the option)."""
-    for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or int(value) < 1):
-            option = "--" + name.replace("_", "-")
-            raise RunError(f"{option} must be a whole number >= 1, got {value}")
 
 
 def _read_evaluation(store: RunStore) -> dict[str, Any]:

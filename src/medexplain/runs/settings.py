@@ -25,6 +25,7 @@ __all__ = [
     "MAX_CHUNK",
     "TARGETS",
     "ExplainSettings",
+    "check_counts",
     "group_names",
     "make_explainer",
     "open_data",
@@ -41,6 +42,14 @@ CHUNK_BYTES = 32 * 2**20
 
 
 MAX_CHUNK = 64
+
+
+def check_counts(**values: int | None) -> None:
+    """Refuse counts below 1 (None means unset); the RunError names the option."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or int(value) < 1):
+            option = "--" + name.replace("_", "-")
+            raise RunError(f"{option} must be a whole number >= 1, got {value}")
 
 
 @dataclass
@@ -92,11 +101,7 @@ class ExplainSettings:
                 raise RunError(
                     f"--target must be 'predicted', 'label' or a class index, got {self.target!r}"
                 ) from None
-        for name in ("batch_size", "chunk_size", "limit"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or int(value) < 1):
-                option = "--" + name.replace("_", "-")
-                raise RunError(f"{option} must be a whole number >= 1, got {value}")
+        check_counts(batch_size=self.batch_size, chunk_size=self.chunk_size, limit=self.limit)
 
     def inputs(self) -> list[str]:
         """The files and folders a run reads (it may not write into any of them)."""
