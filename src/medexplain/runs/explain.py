@@ -54,6 +54,12 @@ def _identity(settings: ExplainSettings, model: LoadedModel, dataset: ImageDatas
     }
 
 
+def _image_or_none(dataset: ImageDataset, row: int) -> np.ndarray | None:
+    """Row ``row``'s image ``(C, *S)`` as float64, or None when it cannot be read."""
+    item, _ = dataset.try_get(row)
+    return None if item is None else item["image"].double().numpy()
+
+
 def _first_item(dataset: ImageDataset) -> dict[str, Any]:
     for i in range(len(dataset)):
         item, _ = dataset.try_get(i)
@@ -174,27 +180,6 @@ def _selection(dataset: ImageDataset, n: int, log) -> tuple[list[str], list[int]
     return [keys[i] for i in rows], rows
 
 
-def _selection_mean(store: RunStore, dataset: ImageDataset) -> np.ndarray | None:
-    """Mean image of the selected explained images: the chunks' sums where a chunk is
-    wholly selected, the images re-read where it is not."""
-    total, count = None, 0
-    for chunk in store.iter_chunks(maps=False):
-        if len(chunk) == 0:
-            continue
-        if chunk.image_sum is not None and chunk.image_count:
-            parts = [(chunk.image_sum, chunk.image_count)]
-        else:
-            parts = []
-            for index in chunk.index.tolist():
-                item, _ = dataset.try_get(int(index))
-                if item is not None:
-                    parts.append((item["image"].double().numpy(), 1))
-        for value, n in parts:
-            total = value.copy() if total is None else total + value
-            count += n
-    return None if total is None else total / count
-
-
 @dataclass
 class _Prepared:
     """Everything ``explain`` opens and checks before it touches the run folder."""
@@ -253,11 +238,15 @@ def _prepare(settings: ExplainSettings, store: RunStore, log) -> _Prepared:
 
 
 def _explain_missing(
-    store: RunStore, run: _Prepared, settings: ExplainSettings, progress: bool, log
+    store: RunStore,
+    run: _Prepared,
+    settings: ExplainSettings,
+    done_keys: set[str],
+    progress: bool,
+    log,
 ) -> int:
-    """Explain the selected keys no chunk holds, one new chunk at a time; returns how many
-    images were explained."""
-    done_keys = store.stored_keys()
+    """Explain the selected keys not in ``done_keys``, one new chunk at a time; returns how
+    many images were explained."""
     missing = [(key, row) for key, row in zip(run.keys, run.rows) if key not in done_keys]
     number = store.next_chunk_number()
     computed = 0
@@ -315,16 +304,13 @@ def explain_run(
         store.initialise(run.record, run.identity, overwrite=overwrite, inputs=settings.inputs())
         store.update_record(settings=asdict(settings), data=run.dataset.describe())
         store.remove_partial()
-        store.set_aside_damaged(log)
+        done_keys = store.scan(log)
         store.write_selection(run.keys, run.rows)
-        computed = _explain_missing(store, run, settings, progress, log)
+        computed = _explain_missing(store, run, settings, done_keys, progress, log)
         all_errors = store.errors()
         store.write_errors_csv(all_errors)
         store.write_items_csv()
-        if store.mean_image() is None and store.partial_chunks():
-            mean = _selection_mean(store, run.dataset)
-            if mean is not None:
-                store.write_mean_image(mean)
+        store.update_mean_image(lambda row: _image_or_none(run.dataset, row))
         summary = {
             "n_images": len(run.keys),
             "n_done": store.count(),

@@ -296,7 +296,7 @@ class RunStore:
             self._selection_loaded = True
         return self._selection
 
-    def selectionarray_digest(self) -> str:
+    def selection_digest(self) -> str:
         """SHA-256 of the selected keys and rows (identifies one state of the run)."""
         selection = self.selection() or {}
         h = hashlib.sha256()
@@ -362,26 +362,19 @@ class RunStore:
             self.chunk_path(chunk.number), lambda handle: np.savez(handle, **arrays)
         )
 
-    def set_aside_damaged(self, log=print) -> list[Path]:
-        """Move every damaged chunk to ``chunks/damaged/`` (its images are then explained
-        again on resume); returns the new paths."""
-        moved = []
+    def scan(self, log=print) -> set[str]:
+        """Read every chunk once, maps included: move each damaged one to
+        ``chunks/damaged/`` (its images are then explained again) and return the keys the
+        intact chunks settled (explained or failed), selected or not."""
+        keys: set[str] = set()
         for number in self.chunk_numbers():
             try:
-                self.read_chunk(number, maps=True)
+                keys |= self.read_chunk(number, maps=True).finished
             except DamagedChunkError as error:
                 target = self.chunk_dir / "damaged" / f"{number:06d}.{time.time_ns()}.npz"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(error.path, target)
                 log(f"{error.path} is damaged; moved to {target}, its images are explained again")
-                moved.append(target)
-        return moved
-
-    def stored_keys(self) -> set[str]:
-        """Keys settled (explained or failed) by any chunk on disk, selected or not."""
-        keys: set[str] = set()
-        for number in self.chunk_numbers():
-            keys |= self.read_chunk(number, maps=False).finished
         return keys
 
     def iter_chunks(self, maps: bool = True, selected: bool = True) -> Iterator[Chunk]:
@@ -446,37 +439,49 @@ class RunStore:
         header = ["index", "path", "label", "prediction", "target", "logits", "chunk"]
         return atomic_write_text(self.root / "items.csv", csv_text([header, *[r for _, r in rows]]))
 
-    def partial_chunks(self) -> bool:
-        """True when some chunk holds selected and unselected images (its image sum then
-        cannot give the mean image; see :meth:`write_mean_image`)."""
-        return any(c.image_sum is None and len(c) > 0 for c in self.iter_chunks(maps=False))
+    def _image_sums(self, reload=None) -> tuple[np.ndarray | None, int, bool]:
+        """``(sum, count, complete)`` of the selected images: each chunk's stored sum when
+        it is wholly selected; for a partly selected chunk the images ``reload(index)``
+        returns (``complete`` is False when such a chunk had no ``reload``)."""
+        total, count, complete = None, 0, True
+        for chunk in self.iter_chunks(maps=False):
+            if len(chunk) == 0:
+                continue
+            if chunk.image_sum is not None and chunk.image_count:
+                parts = [(chunk.image_sum, chunk.image_count)]
+            elif reload is None:
+                complete = False
+                break
+            else:
+                images = (reload(int(i)) for i in chunk.index.tolist())
+                parts = [(image, 1) for image in images if image is not None]
+            for value, n in parts:
+                total = np.array(value, np.float64) if total is None else total + value
+                count += n
+        return total, count, complete
 
-    def write_mean_image(self, mean: np.ndarray) -> None:
-        """Store the selection's mean image ``(C, *S)`` with the selection it belongs to."""
-        arrays = {
-            "mean": np.asarray(mean, np.float64),
-            "digest": np.asarray(self.selectionarray_digest()),
-        }
+    def update_mean_image(self, reload) -> None:
+        """After the selection changed: when some chunk is only partly selected, compute the
+        selection's mean image with ``reload(index) -> (C, *S) array or None`` for those
+        chunks' images and store it (``mean_image.npz``, tied to the selection)."""
+        if self._image_sums()[2]:
+            return
+        total, count, _ = self._image_sums(reload)
+        if total is None:
+            return
+        arrays = {"mean": total / count, "digest": np.asarray(self.selection_digest())}
         atomic_write(self.root / "mean_image.npz", lambda handle: np.savez(handle, **arrays))
 
     def mean_image(self) -> np.ndarray | None:
         """Mean ``(C, *S)`` float64 of every selected explained image: from the chunks'
         sums, or from ``mean_image.npz`` when it belongs to the current selection."""
-        total, count, partial = None, 0, False
-        for chunk in self.iter_chunks(maps=False):
-            if len(chunk) and (chunk.image_sum is None or chunk.image_count == 0):
-                partial = True
-                break
-            if chunk.image_sum is None or chunk.image_count == 0:
-                continue
-            total = chunk.image_sum.copy() if total is None else total + chunk.image_sum
-            count += chunk.image_count
-        if not partial:
+        total, count, complete = self._image_sums()
+        if complete:
             return None if total is None else total / count
         stored = self.root / "mean_image.npz"
         if stored.is_file():
             with np.load(stored, allow_pickle=False) as data:
-                if str(data["digest"]) == self.selectionarray_digest():
+                if str(data["digest"]) == self.selection_digest():
                     return data["mean"]
         return None
 
