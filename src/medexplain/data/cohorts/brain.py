@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...core.spatial import max_pool
 from ..deform import random_rotation_scale, uniform
 from .base import Cohort
 from .mni import (
@@ -161,8 +162,8 @@ def _lesion_candidates(shape, affine, dims: int, lobe: str) -> tuple[torch.Tenso
         lo, hi = LOBES[lobe][2]
         box &= lo <= SLICE_Z_MM <= hi
     region = wm & box
-    pool = F.max_pool3d if dims == 3 else F.max_pool2d
-    eroded = ~pool((~wm)[None, None].float(), 3, stride=1, padding=1)[0, 0].bool() & box
+    dilate_gaps = max_pool(dims)(3, stride=1, padding=1)
+    eroded = ~dilate_gaps((~wm)[None, None].float())[0, 0].bool() & box
     if not eroded.any():
         raise ValueError(f"no white matter of the {lobe} lobe on this grid")
     return points[eroded], region[None]
