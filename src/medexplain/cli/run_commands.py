@@ -266,6 +266,7 @@ def check_alignment_command(
 
     Example: medexplain check-alignment --data uwf.csv --out runs/uwf-alignment
     """
+    from ..core.serialise import json_safe
     from ..data.alignment import check_alignment
     from ..data.files import open_dataset
     from ..data.readers import load_image
@@ -280,9 +281,7 @@ def check_alignment_command(
     result.to_csv(out / "alignment.csv")
     plot_alignment(result, out / "alignment.png")
     summary = result.summary()
-    (out / "alignment.json").write_text(
-        json.dumps(summary, indent=2, default=lambda v: None if v != v else str(v))
-    )
+    (out / "alignment.json").write_text(json.dumps(json_safe(summary), indent=2))
     console.print(
         f"{len(result.flagged)} of {result.checked} image(s) flagged "
         f"({result.fraction_flagged:.1%}); {len(result.errors)} unreadable; see {out}"
