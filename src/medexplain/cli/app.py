@@ -59,9 +59,7 @@ def guard(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (DataError, ModelError, CheckpointError, RunError) as error:
-            raise fail(one_line(error)) from None
-        except FileNotFoundError as error:
+        except (DataError, ModelError, CheckpointError, RunError, FileNotFoundError) as error:
             raise fail(one_line(error)) from None
 
     return wrapper
