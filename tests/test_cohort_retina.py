@@ -13,6 +13,7 @@ import torch.nn.functional as F
 pytest.importorskip("skimage", reason="the retina cohort needs scikit-image (cohorts extra)")
 
 from medexplain.data.cohorts import retina as retina_module
+from medexplain.data.cohorts.base import stratified_split
 from medexplain.data.cohorts.retina import (
     RETINA_CLASSES,
     RETINA_LANDMARKS,
@@ -273,3 +274,19 @@ def test_learnable_from_raw_pixels_by_a_tiny_cnn():
     y = test.labels.numpy()
     for k in range(3):
         assert metrics.roc_auc_score(y == k, proba[:, k]) >= 0.8
+
+
+def test_split_is_stratified_disjoint_and_subset_takes_a_boolean_mask(cohort):
+    # 20 images per class; fractions (0.5, 0.25, 0.25) cut each class at 10 and 15.
+    fractions = (0.5, 0.25, 0.25)
+    indices = stratified_split(cohort.labels, fractions, seed=1)
+    assert torch.equal(torch.cat(indices).sort().values, torch.arange(len(cohort)))
+    parts = cohort.split(fractions, seed=1)
+    for part, index, per_class in zip(parts, indices, (10, 5, 5)):
+        assert torch.bincount(part.labels, minlength=3).tolist() == [per_class] * 3
+        assert torch.equal(part.images, cohort.images[index])
+        assert torch.equal(part.extra["flip"], cohort.extra["flip"][index])
+    macular = cohort.labels == 1
+    chosen = cohort.subset(macular)
+    assert len(chosen) == 20 and (chosen.labels == 1).all()
+    assert torch.equal(chosen.evidence, cohort.evidence[macular])

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..synthetic.subjects import as_index
+
 __all__ = ["Cohort", "stratified_split"]
 
 
@@ -46,9 +48,10 @@ class Cohort:
         return int(self.labels.shape[0])
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> Cohort:
-        """The images at ``indices`` with their truth (per-image ``extra`` entries too)."""
-        index = torch.as_tensor(indices, dtype=torch.long)
+        """The images at ``indices`` (ints, a tensor or a boolean mask ``(N,)``) with their
+        truth (per-image ``extra`` entries too)."""
         n = len(self)
+        index = as_index(indices, n)
         return replace(
             self,
             images=self.images[index],
