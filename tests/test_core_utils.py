@@ -109,3 +109,28 @@ def test_one_line():
 def test_typed_line():
     assert typed_line(ValueError("bad header \nmore")) == "ValueError: bad header"
     assert typed_line(OSError()) == "OSError"
+
+
+def test_one_activation_check_for_every_method():
+    from torch import nn
+
+    from medexplain.core.scores import ACTIVATIONS, check_activation, probabilities
+    from medexplain.explain import create
+    from medexplain.metrics.deletion import deletion_insertion
+
+    for name in ACTIVATIONS:
+        check_activation(name)
+    logits = torch.tensor([[0.5, -1.0]])
+    assert torch.equal(probabilities(logits, "logit"), logits)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    x = torch.rand(1, 1, 4, 4)
+    for bad in (
+        lambda: check_activation("relu"),
+        lambda: probabilities(logits, "relu"),
+        lambda: create("igos", model, activation="relu"),
+        lambda: create("igos++", model, activation="relu"),
+        lambda: create("sag", model, activation="relu"),
+        lambda: deletion_insertion(model, x, 0, x, activation="relu"),
+    ):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            bad()

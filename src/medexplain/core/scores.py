@@ -112,6 +112,13 @@ def check_targets(targets: torch.Tensor, num_outputs: int) -> None:
         )
 
 
+def check_activation(activation: str) -> None:
+    """Raise unless ``activation`` is one of :data:`ACTIVATIONS` (:func:`probabilities`);
+    methods call this in their constructor so that a bad value fails before any work."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
 def probabilities(logits: torch.Tensor, activation: str = "auto") -> torch.Tensor:
     """Turn logits ``(B, K)`` into the scores ``f`` the methods use.
 
@@ -124,9 +131,8 @@ def probabilities(logits: torch.Tensor, activation: str = "auto") -> torch.Tenso
         return torch.softmax(logits, dim=1)
     if activation == "sigmoid":
         return torch.sigmoid(logits)
-    if activation == "logit":
-        return logits
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)  # "logit", or an unknown name that raises here
+    return logits
 
 
 def class_score(

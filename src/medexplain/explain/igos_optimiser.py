@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.model import per_image_noise
 from ..core.perturb import check_baseline, make_baseline, upsample_mask
-from ..core.scores import ACTIVATIONS
+from ..core.scores import check_activation
 from .base import Explainer
 from .igos_loss import PassCounter, PathScorer
 
@@ -135,8 +135,7 @@ class _MaskOptimiser(Explainer):
             if not ok:
                 raise ValueError(f"invalid {name}={value!r} (see the IGOS docstring for ranges)")
         check_baseline(baseline, mean_image)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         self.size = size
         self.iterations = int(iterations)
         self.integration_steps = int(integration_steps)

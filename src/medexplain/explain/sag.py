@@ -55,7 +55,7 @@ from torch import nn
 
 from ..core.model import model_guard
 from ..core.perturb import apply_mask, check_baseline, make_baseline
-from ..core.scores import ACTIVATIONS, as_targets, check_targets, class_score
+from ..core.scores import as_targets, check_activation, check_targets, class_score
 from ..core.spatial import adaptive_avg_pool, spatial_dims_of
 from .base import Explainer, register
 from .sag_graph import (
@@ -197,8 +197,7 @@ class StructuredAttentionGraph(Explainer):
         if not 0.0 <= float(child_threshold) < 1.0:
             raise ValueError(f"child_threshold must be in [0, 1), got {child_threshold!r}")
         check_baseline(baseline, mean_image)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         self.grid = grids
         self.beam_width = beam_width
         self.candidates = candidates

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..core.model import model_device, model_guard
 from ..core.perturb import apply_mask, make_baseline, rank_pixels
-from ..core.scores import ACTIVATIONS, as_targets, check_targets, chunked, probabilities
+from ..core.scores import as_targets, check_activation, check_targets, chunked, probabilities
 from ..core.spatial import spatial_dims_of
 
 DIRECTIONS = {"deletion_auc": "lower", "insertion_auc": "higher"}
@@ -103,8 +103,7 @@ def deletion_insertion(
         raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     maps = _as_maps(maps, x)
     device = model_device(model)
     x = x.to(device, torch.float32)
