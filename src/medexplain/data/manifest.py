@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,14 +84,19 @@ def _stamp(path: Path) -> str:
     """Size and modification time of a file, or of the visible files of a folder (a DICOM
     series); ``"missing"`` when it does not exist. Cheap: no file is read."""
     try:
-        if path.is_dir():
-            parts = [
-                f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                for p in sorted(path.iterdir())
-                if p.is_file() and not p.name.startswith(".")
-            ]
-            return "dir[" + ",".join(parts) + "]"
         info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            parts = []
+            for p in sorted(path.iterdir()):
+                if p.name.startswith("."):
+                    continue
+                try:
+                    entry = p.stat()
+                except OSError:  # a broken link: not a file, as Path.is_file says
+                    continue
+                if stat.S_ISREG(entry.st_mode):
+                    parts.append(f"{p.name}:{entry.st_size}:{entry.st_mtime_ns}")
+            return "dir[" + ",".join(parts) + "]"
     except OSError:
         return "missing"
     return f"{info.st_size}:{info.st_mtime_ns}"
