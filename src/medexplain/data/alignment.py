@@ -184,16 +184,11 @@ class _Source:
             self.paths = data.paths
             self._get = lambda i: self._from_dataset(data, i)
             self.lr_axis = data.lr_axis if len(data) else -1
-        elif isinstance(data, (torch.Tensor, np.ndarray)):
-            if data.ndim not in (4, 5):
+        elif isinstance(data, (torch.Tensor, np.ndarray, Sequence)):
+            if isinstance(data, (torch.Tensor, np.ndarray)) and data.ndim not in (4, 5):
                 raise DataError(
                     f"images must have shape (N, C, H, W) or (N, C, D, H, W), got {data.shape}"
                 )
-            self.n = int(data.shape[0])
-            self.paths = [f"#{i}" for i in range(self.n)]
-            self._get = lambda i: (_as_array(data[i]), None)
-            self.lr_axis = -1
-        elif isinstance(data, Sequence):
             self.n = len(data)
             self.paths = [f"#{i}" for i in range(self.n)]
             self._get = lambda i: (_as_array(data[i]), None)
