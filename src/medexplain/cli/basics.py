@@ -9,10 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .app import (
-    app,
-    console,
-)
+from .app import DeviceOpt, ProgressOpt, app, console
 
 
 @app.command()
@@ -26,7 +23,7 @@ def demo(
         str, typer.Option(help="Comma-separated explainer names (default: the demo's set).")
     ] = "",
     seed: Annotated[int, typer.Option(help="Seed for data, training and explainers.")] = 0,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda:0.")] = "cpu",
+    device: DeviceOpt = "cpu",
     warp_seconds: Annotated[
         float | None,
         typer.Option(
@@ -34,7 +31,7 @@ def demo(
             "(0: skip; default: 180 s with --dims 3, skipped in 2D)."
         ),
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Run the whole chain on the built-in aligned benchmark.
 
