@@ -59,9 +59,10 @@ def sag(
         config=None if model_config is None else str(model_config),
         device=device,
     )
-    if shape is None and loaded.input_shape is not None:
-        shape = ",".join(str(s) for s in loaded.input_shape[1:])
-    dataset = ImageDataset.from_paths([str(image)], shape=parse_shape(shape), normalise=normalise)
+    size = parse_shape(shape)
+    if size is None and loaded.input_shape is not None:
+        size = tuple(loaded.input_shape[1:])
+    dataset = ImageDataset.from_paths([str(image)], shape=size, normalise=normalise)
     item, error = dataset.try_get(0)
     if item is None:
         raise fail(error or f"cannot read {image}")
