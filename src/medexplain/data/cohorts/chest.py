@@ -51,6 +51,11 @@ def _soft(distance: torch.Tensor, width: float) -> torch.Tensor:
     return torch.sigmoid(-distance / width)
 
 
+def _erode(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Grey erosion of ``(n, S, S)`` by a ``width`` x ``width`` square (odd ``width``)."""
+    return -F.max_pool2d(-mask[:, None], width, stride=1, padding=width // 2)[:, 0]
+
+
 def _anatomy(lungs: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Canonical-frame maps ``(n, size, size)`` of one subject's anatomy (before jitter)."""
     n, size, _ = lungs.shape
@@ -118,8 +123,7 @@ def _pneumothorax_masks(
     1% of the image (the best-overlapping one if none does), intersected with the lungs."""
     n, size, _ = lungs.shape
     masks = (pool >= 0.5).float()
-    inner = -F.max_pool2d(-lungs[:, None], 5, stride=1, padding=2)[:, 0]
-    edge = lungs - inner
+    edge = lungs - _erode(lungs, 5)
     overlap = torch.einsum("nij,pij->np", lungs, masks)
     on_edge = torch.einsum("nij,pij->np", edge, masks)
     ok = (overlap >= 0.01 * size * size) & (on_edge > 0)
@@ -256,8 +260,7 @@ def _render_effects(
     is_ptx = (labels == 2).view(n, 1, 1)
     opacity = m["opacity"] * lungs_bin * is_opacity
     region = (m["ptx"] > 0.5) & lungs_bin & is_ptx
-    eroded = -F.max_pool2d(-region[:, None].float(), 3, stride=1, padding=1)[:, 0]
-    inner_lung = -F.max_pool2d(-lungs_bin[:, None].float(), 3, stride=1, padding=1)[:, 0]
+    eroded, inner_lung = _erode(region.float(), 3), _erode(lungs_bin.float(), 3)
     pleural_line = region & (eroded < 0.5) & (inner_lung > 0.5)
     delta = strength * opacity
     delta = delta - region * (0.08 * m["vessels"] + darkness) + 0.12 * pleural_line
