@@ -140,16 +140,11 @@ class RunStore:
 
         Raises RunError naming the input, before anything is written.
         """
+        inputs = [value for value in inputs if value is not None]
+        self.check_files(inputs)
         root = self.root.resolve()
         for value in inputs:
-            if value is None:
-                continue
             path = Path(value).resolve()
-            if _inside(path, root):
-                raise RunError(
-                    f"--out {self.root} contains the input {value}; a run folder must be a "
-                    "folder of its own, outside the data, model and checkpoints"
-                )
             if path.is_dir() and _inside(root, path):
                 raise RunError(
                     f"--out {self.root} lies inside the input folder {value}; choose a run "
@@ -157,16 +152,16 @@ class RunStore:
                 )
 
     def check_files(self, paths: Iterable[str | os.PathLike]) -> None:
-        """Refuse a run folder that contains any of ``paths`` (the images and masks of a
-        manifest); a cheap textual check on absolute paths, for many files."""
-        root = os.path.abspath(self.root)
+        """Refuse a run folder that equals or contains any of ``paths`` (inputs, the images
+        and masks of a manifest): a textual check on absolute paths, cheap for many files."""
+        root = str(self.root.resolve())
         prefix = root.rstrip(os.sep) + os.sep
         for value in paths:
-            path = os.path.abspath(value)
+            path = os.path.realpath(value) if os.path.islink(value) else os.path.abspath(value)
             if path == root or path.startswith(prefix):
                 raise RunError(
                     f"--out {self.root} contains the input {value}; a run folder must be a "
-                    "folder of its own, outside the data"
+                    "folder of its own, outside the data, model and checkpoints"
                 )
 
     def initialise_check(self) -> None:
