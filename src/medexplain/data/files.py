@@ -48,7 +48,6 @@ from .manifest import (
     Record,
     read_csv_manifest,
     read_folder_manifest,
-    record_key,
     records_from_paths,
 )
 from .readers import DataError, ImageMeta, load_image
@@ -221,11 +220,6 @@ class ImageDataset(Dataset):
             found = sorted({k for r in records for k in r.extra})
             raise DataError(f"no manifest column {name!r}; extra columns found: {found}")
         return [r.extra.get(name, "") for r in records]
-
-    def item_keys(self) -> list[str]:
-        """One identity per item (:func:`~medexplain.data.manifest.record_key`): what a
-        resumed run matches stored maps by. Reads no image, stats each file once."""
-        return [record_key(r) for r in self.manifest.records]
 
     def missing_files(self) -> list[str]:
         """Image and mask paths that do not exist (cheap: no file is opened)."""

@@ -16,7 +16,7 @@ from ..core.model import model_guard
 from ..core.progress import progress_bar
 from ..core.scores import default_targets, predict_classes
 from ..data.files import ImageDataset
-from ..data.manifest import duplicate_rows
+from ..data.manifest import duplicate_rows, record_key
 from ..data.readers import DataError
 from ..models.external import LoadedModel
 from ..models.model_file import file_sha256
@@ -175,9 +175,8 @@ def _selection(dataset: ImageDataset, n: int, log) -> tuple[list[str], list[int]
             f"warning: {len(skipped)} duplicate row(s) in {source} ({examples[:200]}); "
             "each image is explained and counted once"
         )
-    keys = dataset.item_keys()
     rows = [i for i in range(n) if i not in skipped]
-    return [keys[i] for i in rows], rows
+    return [record_key(dataset.records[i]) for i in rows], rows
 
 
 @dataclass

@@ -10,7 +10,7 @@ Layout of a run folder ``RUN``::
     RUN/items.csv            index, path, label, prediction, target, logits of done images
     RUN/.lock                held (flock) while a process writes the run
 
-Every image is identified by a **key** (:func:`medexplain.data.files.ImageDataset.item_keys`:
+Every image is identified by a **key** (:func:`medexplain.data.manifest.record_key`:
 its absolute path, the file's size and modification time, its label, flip and mask), not by
 its row in the manifest; a chunk (:mod:`medexplain.runs.chunk`) holds explained images by key.
 
