@@ -13,7 +13,6 @@ import torch.nn.functional as F
 pytest.importorskip("skimage", reason="the retina cohort needs scikit-image (cohorts extra)")
 
 from medexplain.data.cohorts import retina as retina_module
-from medexplain.data.cohorts.base import stratified_split
 from medexplain.data.cohorts.retina import (
     RETINA_CLASSES,
     RETINA_LANDMARKS,
@@ -21,6 +20,7 @@ from medexplain.data.cohorts.retina import (
     make_retina,
     retina_regions,
 )
+from medexplain.data.split import stratified_split
 
 SIZE = 64
 
@@ -279,7 +279,7 @@ def test_learnable_from_raw_pixels_by_a_tiny_cnn():
 def test_split_is_stratified_disjoint_and_subset_takes_a_boolean_mask(cohort):
     # 20 images per class; fractions (0.5, 0.25, 0.25) cut each class at 10 and 15.
     fractions = (0.5, 0.25, 0.25)
-    indices = stratified_split(cohort.labels, fractions, seed=1)
+    indices = stratified_split(cohort.labels, 3, fractions, seed=1)
     assert torch.equal(torch.cat(indices).sort().values, torch.arange(len(cohort)))
     parts = cohort.split(fractions, seed=1)
     for part, index, per_class in zip(parts, indices, (10, 5, 5)):

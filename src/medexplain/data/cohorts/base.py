@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..split import stratified_split
 from ..synthetic.subjects import as_index
 
 __all__ = ["Cohort", "stratified_split"]
@@ -65,23 +66,5 @@ class Cohort:
         self, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
     ) -> tuple[Cohort, ...]:
         """Deterministic split stratified by label (see :func:`stratified_split`)."""
-        return tuple(self.subset(part) for part in stratified_split(self.labels, fractions, seed))
-
-
-def stratified_split(
-    labels: torch.Tensor, fractions: Sequence[float], seed: int = 0
-) -> list[torch.Tensor]:
-    """Index tensors, one per fraction: within each class the indices are shuffled with
-    ``seed`` and cut at the rounded cumulative fractions; each part is sorted."""
-    fractions = [float(f) for f in fractions]
-    if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"fractions must be >= 0 and sum to 1, got {fractions}")
-    generator = torch.Generator().manual_seed(seed)
-    parts: list[list[int]] = [[] for _ in fractions]
-    for cls in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == cls).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        cuts = np.round(np.cumsum([0.0, *fractions]) * len(members)).astype(int)
-        for k in range(len(fractions)):
-            parts[k].extend(members[cuts[k] : cuts[k + 1]].tolist())
-    return [torch.as_tensor(sorted(p), dtype=torch.long) for p in parts]
+        parts = stratified_split(self.labels, len(self.class_names), fractions, seed)
+        return tuple(self.subset(part) for part in parts)

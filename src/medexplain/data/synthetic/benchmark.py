@@ -3,7 +3,6 @@ ground truth of where each class's evidence is."""
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.utils.data import Dataset
 
+from ..split import stratified_split
 from ..template import marker_mask, region_masks
 from .rendering import render
 from .subjects import BENCHMARK_CLASSES, as_index, sample_subjects
@@ -73,20 +73,8 @@ class SyntheticBenchmark:
         Within each class the images are shuffled with ``seed`` and cut at the rounded
         cumulative fractions; each part keeps its images in their original order.
         """
-        fractions = [float(f) for f in fractions]
-        if not fractions or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
-            raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions}")
-        g = torch.Generator().manual_seed(int(seed))
-        parts: list[list[torch.Tensor]] = [[] for _ in fractions]
-        cumulative = torch.tensor(fractions, dtype=torch.float64).cumsum(0)
-        for label in range(len(self.class_names)):
-            members = (self.labels == label).nonzero().flatten()
-            members = members[torch.randperm(len(members), generator=g)]
-            cuts = [0, *torch.round(cumulative * len(members)).long().tolist()]
-            cuts[-1] = len(members)
-            for p in range(len(fractions)):
-                parts[p].append(members[cuts[p] : cuts[p + 1]])
-        return tuple(self.subset(torch.cat(p).sort().values) for p in parts)
+        parts = stratified_split(self.labels, len(self.class_names), fractions, seed)
+        return tuple(self.subset(part) for part in parts)
 
     def dataset(self) -> Dataset:
         """A torch Dataset of ``(image (1, *S), label int)``."""
