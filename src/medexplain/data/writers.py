@@ -12,13 +12,17 @@ import torch
 
 
 def save_nifti(
-    volume: torch.Tensor | np.ndarray, path: str | Path, affine: np.ndarray | None = None
+    volume: torch.Tensor | np.ndarray,
+    path: str | Path,
+    affine: np.ndarray | None = None,
+    space: str | None = None,
 ) -> Path:
     """Write ``volume`` ``(D, H, W)`` (leading singleton axes allowed) as float32 NIfTI.
 
     ``affine`` is the 4x4 voxel-to-world matrix of the scan the map belongs to (identity when
     unknown). medexplain holds volumes as ``(D, H, W)``; they are written in that axis order,
-    the order in which they were read, so the affine applies unchanged.
+    the order in which they were read, so the affine applies unchanged. ``space`` (a nibabel
+    xform code such as ``"mni"`` or ``"scanner"``) is written as the sform and qform code.
     """
     array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else volume
     array = np.asarray(array, dtype=np.float32)
@@ -31,5 +35,9 @@ def save_nifti(
         raise ValueError(f"affine must be 4x4, got {affine.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, affine), str(path))
+    image = nib.Nifti1Image(array, affine)
+    if space is not None:
+        image.set_sform(affine, code=space)
+        image.set_qform(affine, code=space)
+    nib.save(image, str(path))
     return path

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..deform import sample_channels
+from ..writers import save_nifti
 from .base import Cohort
 
 __all__ = [
@@ -181,8 +182,6 @@ def save_cohort_nifti(volume: torch.Tensor | np.ndarray, path: str | Path, cohor
     written as ``(X, Y, 1)``. The header carries the cohort's affine as sform and qform with
     code MNI (``NIFTI_XFORM_MNI_152`` = 4), so the map opens aligned on any MNI152 image.
     """
-    import nibabel as nib
-
     if cohort.affine is None:
         raise ValueError("the cohort has no affine; only MNI-space cohorts can be written")
     array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else volume
@@ -194,10 +193,4 @@ def save_cohort_nifti(volume: torch.Tensor | np.ndarray, path: str | Path, cohor
         raise ValueError(f"expected a {dims}D map, got shape {array.shape}")
     if dims == 2:
         array = array[..., None]
-    image = nib.Nifti1Image(array, cohort.affine)
-    image.set_sform(cohort.affine, code="mni")
-    image.set_qform(cohort.affine, code="mni")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
-    return path
+    return save_nifti(array, path, cohort.affine, space="mni")
