@@ -128,8 +128,7 @@ def build_standard_network(config: StandardNetConfig | dict[str, Any] | None = N
         raise TypeError(f"config must be a StandardNetConfig or a dict, got {type(config)}")
     check_dims(config.spatial_dims)
     config.resolved()
-    if config.seed is None:
-        return StandardNet(config, _monai_net(config))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[], enabled=config.seed is not None):
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
         return StandardNet(config, _monai_net(config))
