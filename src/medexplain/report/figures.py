@@ -1,8 +1,12 @@
 """PNG figures: global maps over the mean image, image-wise example grids.
 
-Every function takes tensors or arrays ``(1, *spatial)`` / ``(*spatial)``; 3D volumes
-are shown as their middle slice along each axis (three panels) or, where one panel
-is wanted, the middle axial slice.
+Every function takes tensors or arrays ``(C, *spatial)`` / ``(1, *spatial)`` /
+``(*spatial)``. Each modality is drawn in its own convention: a three-channel image
+``(3, H, W)`` (colour fundus photograph) is shown in RGB, clipped to [0, 1]; a one-channel
+image (radiograph, MRI) in grey. A 3D volume ``(X, Y, Z)`` is shown as the middle slice of
+its first axis or, given a voxel ``cut = (i, j, k)``, as the axial slice ``[:, :, k]`` of a
+volume in RAS voxel order, transposed and flipped so anterior is up. Orthogonal views of 3D
+global maps in world coordinates are in :mod:`medexplain.report.ortho_plot`.
 
 matplotlib is imported inside the functions and figures are bare
 :class:`matplotlib.figure.Figure` objects saved with ``savefig``: no pyplot state and no
@@ -41,15 +45,64 @@ def display_slice(array: torch.Tensor | np.ndarray) -> np.ndarray:
     return array
 
 
-def _overlay(ax, background: np.ndarray, heat: np.ndarray, signed: bool, title: str) -> None:
-    """Image in grey, the map on top with opacity growing with |value| (scaled per panel), so
-    weak attributions leave the anatomy visible. Signed maps: red positive, blue negative."""
-    from matplotlib import colormaps
+def spatial_view(
+    array: torch.Tensor | np.ndarray,
+    spatial_ndim: int,
+    *,
+    cut: Sequence[int] | None = None,
+) -> np.ndarray:
+    """A 2D view ``(H, W)`` (grey) or ``(H, W, 3)`` (RGB, clipped to [0, 1]) of one image.
 
-    ax.imshow(background, cmap="gray", interpolation="nearest")
+    array: ``(C, *spatial)`` or ``(*spatial)`` with ``len(spatial) == spatial_ndim`` (leading
+    singleton axes beyond that are dropped). Three channels are shown as RGB; any other
+    channel count as the channel mean in grey. In 3D, the middle slice of the first axis, or
+    with ``cut = (i, j, k)`` the axial slice ``[:, :, k]`` of a RAS-ordered volume,
+    transposed (rows = y) and flipped so anterior is up.
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array, dtype=np.float64)
+    while array.ndim > spatial_ndim + 1 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim == spatial_ndim:
+        array = array[None]
+    if array.ndim != spatial_ndim + 1 or spatial_ndim not in (2, 3):
+        raise ValueError(
+            f"expected (C, *spatial) with {spatial_ndim} spatial axes, got {array.shape}"
+        )
+    if array.shape[0] != 3:
+        array = array.mean(axis=0, keepdims=True)
+    if spatial_ndim == 3:
+        if cut is None:
+            array = array[:, array.shape[1] // 2]
+        else:
+            array = np.flip(np.swapaxes(array[:, :, :, int(cut[2])], 1, 2), axis=1)
+    if array.shape[0] == 3:
+        return np.clip(np.moveaxis(array, 0, -1), 0.0, 1.0)
+    return array[0]
+
+
+def _show(ax, background: np.ndarray) -> None:
+    """A grey ``(H, W)`` or RGB ``(H, W, 3)`` background."""
+    if background.ndim == 3:
+        ax.imshow(background, interpolation="nearest")
+    else:
+        ax.imshow(background, cmap="gray", interpolation="nearest")
+
+
+def _overlay(ax, background: np.ndarray, heat: np.ndarray, signed: bool, title: str):
+    """Image (grey or RGB), the map on top with opacity growing with |value| (scaled per
+    panel), so weak attributions leave the anatomy visible. Signed maps: red positive, blue
+    negative. Returns a ``ScalarMappable`` of the map's colour scale (for a colour bar)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    _show(ax, background)
     limit = float(np.abs(heat).max())
+    two_sided = signed and heat.min() < 0
     if limit > 0:
-        if signed and heat.min() < 0:
+        if two_sided:
             scaled = heat / limit
             colours = colormaps["RdBu_r"](0.5 + 0.5 * scaled)
             colours[..., 3] = np.clip(np.abs(scaled), 0, 1) * 0.85
@@ -60,6 +113,14 @@ def _overlay(ax, background: np.ndarray, heat: np.ndarray, signed: bool, title: 
         ax.imshow(colours, interpolation="nearest")
     ax.set_title(title, fontsize=8)
     ax.axis("off")
+    top = limit if limit > 0 else 1.0
+    norm = Normalize(-top, top) if two_sided else Normalize(0.0, top)
+    return ScalarMappable(norm=norm, cmap="RdBu_r" if two_sided else "inferno")
+
+
+def _spatial_ndim(array: torch.Tensor | np.ndarray) -> int:
+    """Number of spatial axes of a map ``(1, *spatial)`` or ``(*spatial)``."""
+    return to_numpy(array).ndim
 
 
 def plot_global_maps(
@@ -72,15 +133,24 @@ def plot_global_maps(
     signed: bool = False,
 ) -> Path:
     """One panel per label: its global map over the dataset mean image; ground-truth region
-    outlined in cyan when ``regions`` has an entry for the label."""
-    background = display_slice(mean_image)
+    outlined in cyan when ``regions`` has an entry for the label.
+
+    mean_image: ``(C, *spatial)`` or ``(*spatial)``, RGB when ``C == 3``, else grey;
+    maps: name -> ``(1, *spatial)`` or ``(*spatial)``; regions: name -> same, bool.
+    3D maps get a colour bar per panel (the middle slice of the first axis is shown).
+    """
     names = list(maps)
-    fig = _figure(figsize=(2.6 * len(names), 2.9))
+    ndim = _spatial_ndim(maps[names[0]])
+    background = spatial_view(mean_image, ndim)
+    fig = _figure(figsize=(2.6 * len(names) + (0.6 * len(names) if ndim == 3 else 0), 2.9))
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
-        _overlay(ax, background, display_slice(maps[name]), signed, name)
+        scale = _overlay(ax, background, spatial_view(maps[name], ndim), signed, name)
         if regions is not None and name in regions:
-            ax.contour(display_slice(regions[name]), levels=[0.5], colors="cyan", linewidths=0.8)
+            outline = spatial_view(regions[name], ndim)
+            ax.contour(outline, levels=[0.5], colors="cyan", linewidths=0.8)
+        if ndim == 3:
+            fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.04)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -95,25 +165,32 @@ def plot_examples(
     *,
     titles: Sequence[str] | None = None,
     signed_methods: Sequence[str] = (),
+    cut: Sequence[int] | None = None,
 ) -> Path:
     """Grid: one row per image; columns = image, ground truth, each method's map.
 
-    images, masks: ``(N, 1, *spatial)``; maps_by_method: name -> ``(N, 1, *spatial)``.
+    images: ``(N, C, *spatial)``, RGB when ``C == 3``, else grey; masks: ``(N, 1, *spatial)``;
+    maps_by_method: name -> ``(N, 1, *spatial)``. In 3D each row shows the middle slice of
+    the first axis, or with ``cut = (i, j, k)`` (voxel index) the axial slice through ``k``
+    with anterior up.
     """
     n = len(images)
+    ndim = images.ndim - 2
     columns = 2 + len(maps_by_method)
     fig = _figure(figsize=(1.7 * columns, 1.8 * n))
     axes = fig.subplots(n, columns, squeeze=False)
     for row in range(n):
-        image = display_slice(images[row])
-        axes[row, 0].imshow(image, cmap="gray", interpolation="nearest")
+        image = spatial_view(images[row], ndim, cut=cut)
+        _show(axes[row, 0], image)
         axes[row, 0].set_title(titles[row] if titles else "image", fontsize=7)
-        axes[row, 1].imshow(image, cmap="gray", interpolation="nearest")
-        if masks is not None and display_slice(masks[row]).any():
-            axes[row, 1].contour(display_slice(masks[row]), levels=[0.5], colors="lime")
+        _show(axes[row, 1], image)
+        if masks is not None:
+            mask = spatial_view(masks[row], ndim, cut=cut)
+            if mask.any():
+                axes[row, 1].contour(mask, levels=[0.5], colors="lime")
         axes[row, 1].set_title("ground truth", fontsize=7)
         for col, (name, maps) in enumerate(maps_by_method.items(), start=2):
-            heat = display_slice(maps[row])
+            heat = spatial_view(maps[row], ndim, cut=cut)
             _overlay(axes[row, col], image, heat, name in signed_methods, name)
         for ax in axes[row, :2]:
             ax.axis("off")
