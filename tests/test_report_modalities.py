@@ -141,12 +141,20 @@ def test_ortho_cut_goes_through_the_region_centre_of_mass_in_world_mm(tmp_path, 
     from nilearn import plotting
 
     mean, affine, region, heat, region_voxels, peak = _brain()
-    calls = []
+    calls, contours = [], []
     real = plotting.plot_stat_map
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
-        return real(*args, **kwargs)
+        display = real(*args, **kwargs)
+        add_contours = display.add_contours
+
+        def record(image, **options):
+            contours.append(np.asarray(image.get_fdata()))
+            return add_contours(image, **options)
+
+        display.add_contours = record
+        return display
 
     monkeypatch.setattr(plotting, "plot_stat_map", spy)
     open_before = pyplot.get_fignums()
@@ -170,6 +178,7 @@ def test_ortho_cut_goes_through_the_region_centre_of_mass_in_world_mm(tmp_path, 
         np.testing.assert_allclose(call["cut_coords"], world[:3])
         assert call["display_mode"] == "ortho" and call["colorbar"] is True
     np.testing.assert_allclose(calls[1]["cut_coords"], [7.0, -14.0, 24.0])  # by hand
+    assert len(contours) == 1 and np.array_equal(contours[0] > 0.5, region)  # outlined once
 
 
 def test_ortho_falls_back_to_voxel_slices_without_nilearn(tmp_path, monkeypatch):
