@@ -191,6 +191,20 @@ def test_lesions_lie_in_the_white_matter_of_one_lobe(cohort3d, healthy3d):
     assert under.mean() > 0.65
 
 
+def test_dark_lesions_darken_the_same_voxels_the_bright_ones_brighten(cohort3d, healthy3d):
+    dark = make_brain(9, seed=4, lesion_polarity="dark")
+    assert torch.equal(dark.evidence, cohort3d.evidence)
+    for i in torch.nonzero(dark.labels == 2).flatten().tolist():
+        evidence = dark.evidence[i, 0]
+        change = dark.images[i, 0] - healthy3d.images[i, 0]
+        assert evidence.any() and change[evidence].max() <= 1e-6
+        # Away from the clip at 1 the darkening mirrors the brightening voxel by voxel.
+        bright_change = cohort3d.images[i, 0] - healthy3d.images[i, 0]
+        unclipped = evidence & (cohort3d.images[i, 0] < 1.0) & (dark.images[i, 0] > 0.0)
+        torch.testing.assert_close(change[unclipped], -bright_change[unclipped])
+        assert change[evidence].min() < -0.05
+
+
 def test_intensities_stay_in_the_template_range(cohort3d):
     from nilearn import datasets
 

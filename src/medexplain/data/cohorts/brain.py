@@ -226,7 +226,9 @@ def _atrophy(points: torch.Tensor, amplitude: torch.Tensor):
 
 def _lesions(points: torch.Tensor, centres: torch.Tensor, draws: dict, index: torch.Tensor):
     """Added intensity ``(m, *S)``: per voxel the largest ``contrast (1 - r^2/rho^2)^2`` of
-    the subject's active blobs (0 outside every blob and for non-lesion subjects)."""
+    the subject's active blobs (0 outside every blob and for non-lesion subjects), times the
+    polarity ``draws["sign"]`` (-1 for dark lesions; the largest is taken before the sign,
+    so overlapping dark blobs darken as much as bright ones brighten)."""
     dims = points.shape[-1]
     out = torch.zeros(len(index), *points.shape[:-1])
     rows = torch.nonzero(draws["labels"][index] == 2).flatten()
@@ -239,7 +241,7 @@ def _lesions(points: torch.Tensor, centres: torch.Tensor, draws: dict, index: to
     profile = (1.0 - r2 / rho2).clamp_min(0.0) ** 2
     weight = draws["contrast"][chosen] * draws["active"][chosen]
     out[rows] = (profile * weight.view(*weight.shape, *[1] * dims)).amax(dim=1)
-    return out
+    return out * draws.get("sign", 1.0)
 
 
 def _subject_field(points, affine, shape, control, support, displacement):
@@ -343,8 +345,7 @@ def make_brain(
     centres, lobe_region = _lesion_candidates(shape, affine, dims, lobe)
     g = torch.Generator().manual_seed(seed)
     draws = _draw_subjects(g, n, dims, strength, len(centres))
-    if lesion_polarity == "dark":
-        draws["contrast"] = -draws["contrast"]
+    draws["sign"] = -1.0 if lesion_polarity == "dark" else 1.0
     noise_gen = torch.Generator().manual_seed(draws["noise_seed"])
     step = float(np.abs(np.diag(affine)[:dims]).max())
     options = {"effects": effects, "noise": noise, "spacing": step}
