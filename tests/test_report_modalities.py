@@ -169,8 +169,14 @@ def test_ortho_cut_goes_through_the_region_centre_of_mass_in_world_mm(tmp_path, 
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pyplot.get_fignums() == open_before
     centre = [sum(v[axis] for v in region_voxels) / len(region_voxels) for axis in range(3)]
+    # The centre of mass (4.25, 5.5, 4.5) lies outside this region in two parts, so the cut
+    # snaps to the region voxel nearest to it: squared distances 4.06, 2.06, 4.56 and 41.6
+    # to the four voxels, hence (3, 5, 5).
+    assert tuple(round(c) for c in centre) not in region_voxels
+    nearest = min(region_voxels, key=lambda v: sum((a - b) ** 2 for a, b in zip(v, centre)))
+    assert nearest == (3, 5, 5)
     expected = [
-        affine @ np.array([*centre, 1.0]),
+        affine @ np.array([*nearest, 1.0]),
         affine @ np.array([*peak, 1.0]),
     ]
     assert len(calls) == 2
@@ -191,7 +197,8 @@ def test_ortho_falls_back_to_voxel_slices_without_nilearn(tmp_path, monkeypatch)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     axes = captured["figure"].axes
     assert len(axes) == 4 and not axes[3].images  # three slices and a colour bar
-    centre = np.mean(np.array(region_voxels, dtype=float), axis=0)
-    i, j, k = (int(np.rint(c)) for c in centre)
+    # The region's centre of mass lies outside it; the nearest region voxel is (3, 5, 5)
+    # (worked out in the test above).
+    i, j, k = 3, 5, 5
     for ax, view in zip(axes[:3], (mean[i], mean[:, j], mean[:, :, k])):
         np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), view.T[::-1])

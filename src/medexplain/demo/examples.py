@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 
-from ..data.synthetic import SyntheticBenchmark
 from ..explain.sag import StructuredAttentionGraph
 from ..explain.sag_graph import SAGResult
 from ..report.figures import plot_examples
 from ..report.sag_plot import plot_sag
-from .state import DemoState
+from .state import DemoData, DemoState
 
 
 def draw_examples(state: DemoState) -> DemoState:
@@ -29,6 +28,7 @@ def draw_examples(state: DemoState) -> DemoState:
         explain_set.evidence[examples],
         {name: outcome.explained.maps[examples] for name, outcome in state.outcomes.items()},
         state.out / "figures" / "examples.png",
+        cut=_axial_cut(state.bench.regions) if state.settings.dims == 3 else None,
         titles=[
             f"{names[int(explain_set.labels[i])]}"
             + (" + marker" if bool(explain_set.has_marker[i]) else "")
@@ -36,6 +36,16 @@ def draw_examples(state: DemoState) -> DemoState:
         ],
     )
     return state
+
+
+def _axial_cut(regions: dict[str, torch.Tensor]) -> tuple[int, int, int] | None:
+    """A voxel ``(i, j, k)`` whose axial slice ``k`` holds the most voxels of the classes'
+    regions ``(1, X, Y, Z)``, so the example volumes are cut through their evidence."""
+    if not regions:
+        return None
+    union = torch.stack([r.reshape(r.shape[-3:]).bool() for r in regions.values()]).any(0)
+    k = int(union.flatten(0, 1).sum(0).argmax())
+    return (0, 0, k)
 
 
 def run_sag(state: DemoState) -> DemoState:
@@ -78,7 +88,7 @@ def _sag_entry(state: DemoState, i: int, result: SAGResult, seconds: float) -> d
     }
 
 
-def example_indices(explain_set: SyntheticBenchmark, n_examples: int) -> torch.Tensor:
+def example_indices(explain_set: DemoData, n_examples: int) -> torch.Tensor:
     """One image per class, then one carrying the shortcut marker, up to ``n_examples``."""
     chosen: list[int] = []
     for cls in range(len(explain_set.class_names)):

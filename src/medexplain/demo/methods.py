@@ -9,7 +9,7 @@ from ..explain import create
 from ..explain.batch import explain_all
 from ..globalmaps import GlobalMaps
 from ..report.figures import plot_global_maps
-from ..report.nifti import save_nifti
+from ..report.ortho_plot import plot_global_maps_ortho
 from .state import DemoState, MethodOutcome
 
 
@@ -20,8 +20,12 @@ def explain_methods(state: DemoState) -> DemoState:
     labels = state.explain_set.labels
     for name in settings.methods:
         t0 = time.perf_counter()
-        params = {"seed": settings.seed, **settings.method_params(name)}
-        explainer = create(name, state.model, **params)
+        if name in state.learned:
+            explainer = state.learned[name]
+            params = dict(state.learned_fits[name]["parameters"])
+        else:
+            params = {"seed": settings.seed, **settings.method_params(name)}
+            explainer = create(name, state.model, **params)
         n_method, _ = settings.method_images(name)
         explained = explain_all(
             explainer,
@@ -45,7 +49,8 @@ def explain_methods(state: DemoState) -> DemoState:
 
 def aggregate_global_maps(state: DemoState) -> DemoState:
     """Label-wise global maps per method: saved under ``maps/<method>/`` (with NIfTI files
-    for volumes) and drawn over the mean image with the true regions outlined."""
+    for volumes and MNI-space slices) and drawn over the mean image with the true regions
+    outlined (nilearn's orthogonal views for volumes in a world space)."""
     settings, bench = state.settings, state.bench
     for name in state.outcomes:
         with state.timed_method(name) as outcome:
@@ -63,19 +68,28 @@ def aggregate_global_maps(state: DemoState) -> DemoState:
             result = outcome.global_result = accumulator.result()
             method_dir = state.out / "maps" / name
             result.save(method_dir)
-            if settings.dims == 3:
+            if state.writes_nifti:
                 for key, group in result.groups.items():
-                    save_nifti(group.mean, method_dir / f"{'_'.join(key)}.nii.gz")
+                    state.save_nifti(group.mean, method_dir / f"{'_'.join(key)}.nii.gz")
             label_maps = {
                 c: result.groups[("label", c)].mean
                 for c in bench.class_names
                 if ("label", c) in result.groups
             }
-            state.figures[f"global_{name}"] = plot_global_maps(
-                state.mean_image,
-                label_maps,
-                state.out / "figures" / f"global_{name}.png",
-                regions=state.outlines,
-                title=f"label-wise global maps — {name}",
-            )
+            path = state.out / "figures" / f"global_{name}.png"
+            title = f"label-wise global maps — {name}"
+            affine = getattr(bench, "affine", None)
+            if settings.dims == 3 and affine is not None:
+                state.figures[f"global_{name}"] = plot_global_maps_ortho(
+                    state.mean_image,
+                    label_maps,
+                    path,
+                    affine=affine,
+                    regions=state.outlines,
+                    title=title,
+                )
+            else:
+                state.figures[f"global_{name}"] = plot_global_maps(
+                    state.mean_image, label_maps, path, regions=state.outlines, title=title
+                )
     return state

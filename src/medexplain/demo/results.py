@@ -13,6 +13,7 @@ import torch
 from .. import __version__
 from ..core.serialise import json_safe
 from ..report.html import embed_png, metrics_table, write_report
+from .cohorts import describe_cohort
 from .state import DemoState
 
 #: The summary table of the report: (key in a method's results, column header[, score name]);
@@ -47,6 +48,7 @@ def write_results(state: DemoState) -> DemoState:
             "device": str(state.device),
         },
         "data": {
+            "cohort": settings.cohort,
             "n_images": len(bench),
             "dims": settings.dims,
             "shape": list(bench.images.shape[2:]),
@@ -69,6 +71,7 @@ def write_results(state: DemoState) -> DemoState:
         "methods": {name: outcome.metrics for name, outcome in state.outcomes.items()},
         "sag": state.sag,
         "warp_simulator": state.warp,
+        "learned_explainers": state.learned_fits,
         "timings_seconds": state.timings,
         "wall_seconds": time.perf_counter() - state.started,
     }
@@ -115,12 +118,18 @@ _SAG_NOTE = (
 
 def _intro(results: dict[str, Any]) -> str:
     clf, data = results["classifier"], results["data"]
+    shortcut = ""
+    if data["shortcut"]["fraction"] > 0:
+        shortcut = (
+            f"A marker appears in {data['shortcut']['fraction']:.0%} of the "
+            f"<b>{data['shortcut']['class']}</b> images: a shortcut a faithful global map must "
+            "reveal. "
+        )
     return (
-        f"<p>Benchmark: {data['n_images']} synthetic aligned images "
-        f"({data['dims']}D, shape {data['shape']}), classes {', '.join(data['class_names'])}. "
-        f"A corner marker appears in {data['shortcut']['fraction']:.0%} of the "
-        f"<b>{data['shortcut']['class']}</b> images: a shortcut a faithful global map must "
-        f"reveal. Classifier test accuracy {clf['test_accuracy']:.3f}, macro AUC "
+        f"<p>Data: {describe_cohort(data.get('cohort'), data)}, classes "
+        f"{', '.join(data['class_names'])}. {shortcut}"
+        f"Classifier ({results['settings']['arch']}) test accuracy "
+        f"{clf['test_accuracy']:.3f}, macro AUC "
         f"{clf['test_auc']:.3f}. {data['n_explained']} test images explained per method "
         "(fewer for the mask-optimisation methods: see the table's <i>images</i> column).</p>"
         "<p class='note'>Read the global maps first: each panel is where the model looks for "

@@ -1,7 +1,9 @@
-"""``medexplain demo``: the whole chain on the built-in aligned benchmark, as named steps.
+"""``medexplain demo``: the whole chain on the built-in aligned benchmark (or a realistic
+cohort, :mod:`.cohorts`), as named steps.
 
-generate (with a corner-marker shortcut in one class) -> train -> explain the test images
-with several methods -> label-wise global maps -> localization, deletion/insertion, sanity,
+generate (with a corner-marker shortcut in one class) -> train -> (fit the
+similar/adversarial generator) -> explain the test images with several methods -> label-wise
+global maps -> localization, deletion/insertion, sanity,
 PEPPR -> examples and SAGs -> (warping simulator) -> ``results.json``, ``maps/``,
 ``figures/``, ``report.html``. Each step takes the :class:`~.state.DemoState` and returns it.
 """
@@ -16,6 +18,7 @@ import torch
 
 from .evaluate import evaluate_methods, run_peppr
 from .examples import draw_examples, run_sag
+from .learned import fit_learned_explainers
 from .methods import aggregate_global_maps, explain_methods
 from .prepare import choose_images, generate_data, train_model
 from .results import write_html_report, write_results
@@ -30,6 +33,7 @@ STEPS: tuple[Step, ...] = (
     generate_data,
     train_model,
     choose_images,
+    fit_learned_explainers,
     explain_methods,
     aggregate_global_maps,
     evaluate_methods,

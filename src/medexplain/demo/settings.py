@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .cohorts import cohort_defaults
+
 #: Explainer keyword arguments per method: ``{"default" | "quick" | "3d": {...}}``.
 _MASK_OPTIMISATION: dict[str, dict[str, Any]] = {
     "default": {},
@@ -68,8 +70,19 @@ class DemoSettings:
     ``warp_seconds > 0`` fits a warping simulator for the atrophy class for at most that
     long (:mod:`medexplain.demo.warp`) and scores it on ``warp_images`` test images per
     direction; ``for_run`` turns it on for volumes (``--dims 3``).
+
+    ``cohort`` (None: the geometric benchmark) names a realistic cohort of
+    :mod:`medexplain.demo.cohorts`, whose defaults ``for_run`` takes; ``arch`` is the
+    classifier: ``"cnn"`` (the small VGG-style net of :mod:`medexplain.models.cnn`) or a
+    MONAI ``"resnet"`` / ``"densenet"`` (:mod:`medexplain.models.standard`).
+    ``generator_seconds > 0`` fits the similar/adversarial generator for at most that long
+    and explains with it beside the other methods. ``mask_optimisation_images`` caps the
+    images of the methods with their own counts in :data:`DEMO_IMAGES` (the cohorts' larger
+    networks make each mask optimisation slower).
     """
 
+    cohort: str | None = None
+    arch: str = "cnn"
     dims: int = 2
     quick: bool = False
     seed: int = 0
@@ -82,6 +95,8 @@ class DemoSettings:
     train_epochs: int = 15
     train_lr: float = 3e-3
     train_seconds: float = 300.0
+    train_patience: int = 5
+    train_monitor: str = "accuracy"
     n_explain: int = 150
     n_peppr: int = 150
     n_deletion: int = 32
@@ -90,15 +105,36 @@ class DemoSettings:
     sag_images: int = 3
     warp_seconds: float = 0.0
     warp_images: int = 24
+    generator_seconds: float = 0.0
     peppr_steps: int = 20
     peppr_seeds: int = 5
     normalise: str = "max"
     transform: str = "abs"
     methods: tuple[str, ...] = tuple(DEMO_METHODS)
+    mask_optimisation_images: int | None = None
 
     @classmethod
-    def for_run(cls, dims: int = 2, quick: bool = False, **overrides: Any) -> DemoSettings:
-        """The defaults for ``dims`` (2 or 3) and ``quick``, then ``overrides`` by field name."""
+    def for_run(
+        cls, dims: int = 2, quick: bool = False, cohort: str | None = None, **overrides: Any
+    ) -> DemoSettings:
+        """The defaults for ``dims`` (2 or 3) and ``quick`` (or those of ``cohort``, with
+        ``dims`` choosing the brain cohort's 2D slice), then ``overrides`` by field name."""
+        if cohort is not None:
+            fields = cohort_defaults(cohort, quick)
+            if cohort == "brain":
+                fields["dims"] = dims
+                if dims == 2:
+                    fields.update(n_images=1200, n_explain=120, n_peppr=100, n_deletion=24)
+            settings = cls(cohort=cohort, quick=quick, **fields)
+            if settings.generator_seconds > 0:
+                settings.methods = (*settings.methods, "similar_adversarial")
+            if quick:
+                settings.peppr_steps = 10
+                settings.warp_seconds = min(settings.warp_seconds, 90.0)
+                settings.generator_seconds = min(settings.generator_seconds, 60.0)
+            for key, value in overrides.items():
+                setattr(settings, key, value)
+            return settings
         settings = cls(dims=dims, quick=quick)
         if dims == 3:
             settings = cls(
@@ -143,10 +179,10 @@ class DemoSettings:
     def method_images(self, name: str) -> tuple[int, int]:
         """How many images ``name`` explains and how many its sanity check uses."""
         table = DEMO_IMAGES.get(name, {})
-        return (
-            self._count(table.get("explain", {}), self.n_explain),
-            self._count(table.get("sanity", {}), self.n_sanity),
-        )
+        n_explain = self._count(table.get("explain", {}), self.n_explain)
+        if "explain" in table and self.mask_optimisation_images is not None:
+            n_explain = min(n_explain, self.mask_optimisation_images)
+        return n_explain, self._count(table.get("sanity", {}), self.n_sanity)
 
     def _count(self, counts: dict[str, int], run_count: int) -> int:
         count = counts.get(self.mode, run_count)

@@ -12,11 +12,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.cohorts import Cohort, save_cohort_nifti
 from ..data.synthetic import SyntheticBenchmark
+from ..explain.base import Explainer
 from ..explain.batch import ExplainedSet
 from ..globalmaps import GlobalResult
 from ..models.train import TrainHistory
+from ..report.nifti import save_nifti
 from .settings import DemoSettings
+
+#: What the demo explains: the geometric benchmark or a realistic cohort (the same interface:
+#: images, labels, evidence, regions, marker, split, subset, dataset, mean_image).
+DemoData = SyntheticBenchmark | Cohort
 
 
 @dataclass
@@ -46,21 +53,24 @@ class DemoState:
     timings: dict[str, float] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
     # generate_data
-    bench: SyntheticBenchmark = field(init=False)
-    train: SyntheticBenchmark = field(init=False)
-    val: SyntheticBenchmark = field(init=False)
-    test: SyntheticBenchmark = field(init=False)
+    bench: DemoData = field(init=False)
+    train: DemoData = field(init=False)
+    val: DemoData = field(init=False)
+    test: DemoData = field(init=False)
     # train_model
     model: nn.Module = field(init=False)
     history: TrainHistory = field(init=False)
     classifier_metrics: dict[str, Any] = field(init=False)
     # choose_images: images (N, C, *S) every method explains, their predicted classes (N,),
     # the held-out PEPPR images, the training mean image (C, *S), outlines per class (*S)
-    explain_set: SyntheticBenchmark = field(init=False)
+    explain_set: DemoData = field(init=False)
     preds: torch.Tensor = field(init=False)
-    peppr_set: SyntheticBenchmark = field(init=False)
+    peppr_set: DemoData = field(init=False)
     mean_image: torch.Tensor = field(init=False)
     outlines: dict[str, torch.Tensor] = field(init=False)
+    # fit_learned_explainers: method name -> fitted explainer, and its JSON entry
+    learned: dict[str, Explainer] = field(default_factory=dict)
+    learned_fits: dict[str, Any] = field(default_factory=dict)
     # explain_methods (then aggregate_global_maps, evaluate_methods, run_peppr)
     outcomes: dict[str, MethodOutcome] = field(default_factory=dict)
     # draw_examples: indices into explain_set
@@ -69,6 +79,19 @@ class DemoState:
     sag: dict[str, Any] = field(default_factory=dict)
     warp: dict[str, Any] | None = None
     results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def writes_nifti(self) -> bool:
+        """True when maps are also written as NIfTI: volumes, and slices of a cohort in a
+        world space (the brain cohort's MNI space)."""
+        return self.settings.dims == 3 or getattr(self.bench, "affine", None) is not None
+
+    def save_nifti(self, volume: torch.Tensor, path: Path) -> Path:
+        """Write a map ``(*S)`` (leading singleton axes allowed) as NIfTI: in the cohort's
+        world space (sform/qform code MNI) when it has an affine, else with the identity."""
+        if getattr(self.bench, "affine", None) is not None:
+            return save_cohort_nifti(volume, path, self.bench)
+        return save_nifti(volume, path)
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:

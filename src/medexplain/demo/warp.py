@@ -14,19 +14,19 @@ direction, and the mean ``log J`` of the removal warps over the atrophy images.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data.synthetic import SyntheticBenchmark
 from ..explain.batch import predicted_classes
 from ..explain.generative.warp_simulator import WarpSimulatorExplainer, fit_warp_simulator
 from ..metrics.warp import SHIFTS, evaluate_warp_simulator
 from ..report.nifti import save_nifti
 from ..report.warp_plot import plot_simulation
-from .state import DemoState
+from .state import DemoData, DemoState
 
 WARP_CLASS = "atrophy"
 HEALTHY_CLASS = "healthy"
@@ -42,21 +42,26 @@ def _slice_through(region: torch.Tensor) -> int | None:
 
 def run_warp_section(
     model: nn.Module,
-    train: SyntheticBenchmark,
-    val: SyntheticBenchmark,
-    test: SyntheticBenchmark,
+    train: DemoData,
+    val: DemoData,
+    test: DemoData,
     out: Path,
     *,
     max_seconds: float,
     n_images: int,
     seed: int = 0,
     progress: bool = True,
+    save_map: Callable[[torch.Tensor, Path], Path] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Fit, score and draw the simulator; returns its JSON entry and the figure paths.
 
     ``model`` is the demo's frozen classifier; ``train``/``val`` fit the simulator,
     ``n_images`` correctly classified ``test`` images per direction score it.
+    ``save_map(map (*S), path)`` writes the NIfTI files (default: volumes only, identity
+    affine).
     """
+    if save_map is None and test.images.dim() == 5:
+        save_map = save_nifti
     names = list(test.class_names)
     if WARP_CLASS not in names or HEALTHY_CLASS not in names:
         return {"skipped": f"the benchmark has no {WARP_CLASS!r} and {HEALTHY_CLASS!r} classes"}, {}
@@ -103,19 +108,19 @@ def run_warp_section(
         masks=torch.cat([removal.evidence, region[None].expand(len(injection), *region.shape)]),
     )
 
-    figures = _draw(explainer, parts, cls, region, names, out, test.images.dim() == 5)
+    figures = _draw(explainer, parts, cls, region, names, out, save_map)
     entry["seconds_total"] = time.perf_counter() - started
     return entry, figures
 
 
 def _draw(
     explainer: WarpSimulatorExplainer,
-    parts: dict[str, SyntheticBenchmark],
+    parts: dict[str, DemoData],
     cls: int,
     region: torch.Tensor,
     names: list[str],
     out: Path,
-    volumes: bool,
+    save_map: Callable[[torch.Tensor, Path], Path] | None,
 ) -> dict[str, Path]:
     """The figures of the first two images per direction (cut through ``region`` ``(1, *S)``
     for volumes); for volumes also their Jacobian and simulated image as NIfTI, and the mean
@@ -136,12 +141,12 @@ def _draw(
             slice_index=slice_index,
             titles=[f"{name} ({names[int(label)]})" for label in part.labels[:2]],
         )
-        if volumes:
-            save_nifti(det[0, 0], maps_dir / f"{name}_jacobian.nii.gz")
-            save_nifti(simulated[0, 0], maps_dir / f"{name}_simulated.nii.gz")
-    if volumes and len(parts["removal"]):
+        if save_map is not None:
+            save_map(det[0, 0], maps_dir / f"{name}_jacobian.nii.gz")
+            save_map(simulated[0, 0], maps_dir / f"{name}_simulated.nii.gz")
+    if save_map is not None and len(parts["removal"]):
         mean_map = explainer(parts["removal"].images, cls).mean(0)[0]
-        save_nifti(mean_map, maps_dir / "removal_mean_log_jacobian.nii.gz")
+        save_map(mean_map, maps_dir / "removal_mean_log_jacobian.nii.gz")
     return figures
 
 
@@ -162,6 +167,7 @@ def run_warp(state: DemoState) -> DemoState:
             n_images=settings.warp_images,
             seed=settings.seed,
             progress=state.progress,
+            save_map=state.save_nifti if state.writes_nifti else None,
         )
         state.figures.update(figures)
     return state

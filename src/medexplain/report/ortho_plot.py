@@ -32,9 +32,15 @@ def _volume(array: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
 
 def cut_voxel(heat: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
     """Voxel ``(3,)`` (float) the cut goes through: the region's centre of mass when the
-    region ``(X, Y, Z)`` has a voxel, else the voxel of the map's peak |value|."""
+    region ``(X, Y, Z)`` has a voxel (or, when that point lies outside a region in several
+    parts, such as both hippocampi, the region voxel nearest to it, so every view cuts
+    through the region), else the voxel of the map's peak |value|."""
     if region is not None and region.any():
-        return np.argwhere(region > 0.5).mean(axis=0)
+        voxels = np.argwhere(region > 0.5)
+        centre = voxels.mean(axis=0)
+        if region[tuple(np.round(centre).astype(int))] > 0.5:
+            return centre
+        return voxels[np.argmin(((voxels - centre) ** 2).sum(axis=1))].astype(float)
     return np.asarray(np.unravel_index(int(np.argmax(np.abs(heat))), heat.shape), dtype=float)
 
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from ..split import stratified_split
+from ..synthetic.benchmark import BenchmarkDataset
 from ..synthetic.subjects import as_index
 
 __all__ = ["Cohort", "stratified_split"]
@@ -47,6 +49,31 @@ class Cohort:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def has_marker(self) -> torch.Tensor:
+        """``(N,)`` bool: which images carry the cohort's shortcut (``extra["shortcut"]``)."""
+        shortcut = self.extra.get("shortcut")
+        if shortcut is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return shortcut.flatten(1).any(1)
+
+    @property
+    def marker(self) -> torch.Tensor:
+        """``(1, *S)`` bool: every pixel the shortcut covers in some image (empty without
+        a shortcut), where a shortcut class's global map must not look."""
+        shortcut = self.extra.get("shortcut")
+        if shortcut is None:
+            return torch.zeros(self.evidence.shape[1:], dtype=torch.bool)
+        return shortcut.any(0)
+
+    def dataset(self) -> Dataset:
+        """A torch Dataset of ``(image (C, *S), label int)``."""
+        return BenchmarkDataset(self.images, self.labels)
+
+    def mean_image(self) -> torch.Tensor:
+        """Mean image ``(C, *S)`` (the natural perturbation fill for aligned images)."""
+        return self.images.mean(dim=0)
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> Cohort:
         """The images at ``indices`` (ints, a tensor or a boolean mask ``(N,)``) with their

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ __all__ = [
     "RETINA_CLASSES",
     "RETINA_LANDMARKS",
     "as_left_eyes",
+    "left_eyes",
     "make_retina",
     "retina_regions",
     "retina_source",
@@ -285,6 +287,30 @@ def as_left_eyes(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     out = x.clone()
     out[flip] = out[flip].flip(-1)
     return out
+
+
+def left_eyes(cohort: Cohort) -> Cohort:
+    """The cohort with every right eye mirrored to a left eye (images, evidence, shortcut,
+    counterfactual and landmarks), as fundus pipelines do before training, so that images
+    and attribution maps align with ``regions`` by disc and fovea. ``extra["flip"]`` keeps
+    which images were mirrored; ``config["left_eyes"]`` is set."""
+    flip = cohort.extra["flip"]
+    extra = dict(cohort.extra)
+    for key in ("shortcut", "counterfactual"):
+        if key in extra:
+            extra[key] = as_left_eyes(extra[key], flip)
+    width = cohort.images.shape[-1]
+    for key in ("disc", "fovea"):
+        points = extra[key].clone()
+        points[flip, 1] = width - 1 - points[flip, 1]
+        extra[key] = points
+    return replace(
+        cohort,
+        images=as_left_eyes(cohort.images, flip),
+        evidence=as_left_eyes(cohort.evidence, flip),
+        extra=extra,
+        config={**cohort.config, "left_eyes": True},
+    )
 
 
 def _stamp_mask(size: int) -> torch.Tensor:
