@@ -188,7 +188,7 @@ def test_ortho_cut_goes_through_the_region_centre_of_mass_in_world_mm(tmp_path, 
 
 
 def test_ortho_falls_back_to_voxel_slices_without_nilearn(tmp_path, monkeypatch):
-    mean, affine, region, heat, region_voxels, _ = _brain()
+    mean, affine, region, heat, _, _ = _brain()
     monkeypatch.setitem(sys.modules, "nilearn", None)
     captured = _capture_figure(monkeypatch, ortho_plot)
     path = plot_global_maps_ortho(
