@@ -303,3 +303,22 @@ def test_bad_parameters_are_clear_errors():
         create("occlusion", model, window_fraction=0)
     with pytest.raises(TypeError, match="layer must be"):
         create("gradcam", model, layer=3)
+
+
+def test_given_targets_a_one_pass_method_runs_no_extra_full_batch_forward():
+    """Saliency with targets: the model sees the batch once per call (Captum's pass); the
+    output count for the target check comes from one image, once per image shape."""
+    model = _model(2)
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    explainer = create("saliency", model)
+    x, targets = _images(2, n=8), torch.zeros(8, dtype=torch.long)
+    first = explainer(x, targets)
+    second = explainer(x, targets)
+    assert seen == [1, 8, 8]
+    torch.testing.assert_close(first, second)
+    with pytest.raises(ValueError):
+        explainer(x, torch.full((8,), 99))
+    seen.clear()
+    explainer(x)  # no targets: the predicted classes need the logits of the whole batch
+    assert seen == [8, 8]

@@ -58,6 +58,7 @@ class Explainer(ABC):
         self.model = model
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self._outputs_by_shape: dict[tuple[int, tuple[int, ...]], int] = {}
 
     @property
     def device(self) -> torch.device:
@@ -78,8 +79,7 @@ class Explainer(ABC):
                 return logits_cache["out"]
 
             targets = as_targets(target, x.shape[0], device=x.device, logits=logits)
-            num_outputs = logits().shape[1]
-            check_targets(targets, num_outputs)
+            check_targets(targets, self._num_outputs(x, logits_cache))
             maps = self._attribute(x, targets)
         expected = (x.shape[0], 1, *x.shape[2:])
         if tuple(maps.shape) != expected:
@@ -88,6 +88,19 @@ class Explainer(ABC):
                 f"expected {expected}"
             )
         return maps.detach().to(torch.float32)
+
+    def _num_outputs(self, x: torch.Tensor, logits_cache: dict[str, torch.Tensor]) -> int:
+        """The model's number of outputs for images shaped like ``x``: from the logits when
+        the targets needed them, else from one image's forward pass, remembered per model
+        and image shape (a whole batch's forward pass only to count outputs would cost a
+        third of a one-pass method's time)."""
+        if "out" in logits_cache:
+            return int(logits_cache["out"].shape[1])
+        key = (id(self.model), tuple(x.shape[1:]))
+        if key not in self._outputs_by_shape:
+            with torch.no_grad():
+                self._outputs_by_shape[key] = int(self.model(x[:1]).shape[1])
+        return self._outputs_by_shape[key]
 
     @abstractmethod
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
