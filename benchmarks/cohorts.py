@@ -8,7 +8,15 @@ method's time (``benchmarks/explain_throughput.py`` explains the measure; 1.0 me
 beyond the model's own passes). Networks are untrained: speed does not depend on the
 weights.
 
-Prints one JSON document. Usage: ``python benchmarks/cohorts.py [--images 8] [--steps 16]``.
+With ``--faithfulness RUN [RUN ...]`` it prints instead the faithfulness table of finished
+cohort demos (``medexplain demo --cohort NAME --out RUN``): per cohort the classifier's test
+AUC and, per method, seconds per image, image-wise and global-map localization AUROC, the
+shortcut's share of the shortcut class's map (and its area share), deletion and insertion
+areas, PEPPR erase/restore against the shared random order, and the sanity correlation;
+plus the warping simulator's and the generator's scores where the cohort has them.
+
+Prints one JSON document. Usage: ``python benchmarks/cohorts.py [--images 8] [--steps 16]``
+or ``python benchmarks/cohorts.py --faithfulness runs/brain runs/retina runs/chest``.
 """
 
 from __future__ import annotations
@@ -72,13 +80,72 @@ def measure(cohort: str, arch: str, images: int, steps: int, repeats: int) -> di
     return {"image_shape": list(x.shape[1:]), "methods": out}
 
 
+#: (JSON path in a method's demo results, column name) of the faithfulness table.
+FAITHFULNESS_COLUMNS = (
+    ("seconds_per_image", "seconds_per_image"),
+    ("n_explained", "images"),
+    ("localization_auroc", "localization_auroc"),
+    ("global.localization_auroc", "global_localization_auroc"),
+    ("global.localization_auroc_per_label", "global_localization_auroc_per_label"),
+    ("global.shortcut_fraction", "shortcut_fraction"),
+    ("global.marker_share_of_image", "marker_share_of_image"),
+    ("deletion_auc", "deletion_auc"),
+    ("insertion_auc", "insertion_auc"),
+    ("peppr.erase_area", "peppr_erase"),
+    ("peppr.random_erase_area", "random_erase"),
+    ("peppr.restore_area", "peppr_restore"),
+    ("peppr.random_restore_area", "random_restore"),
+    ("sanity.rank_correlation_fully_randomized", "sanity_rho"),
+)
+
+
+def _dig(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def faithfulness(run: Path) -> dict:
+    """The faithfulness table of one finished cohort demo (its ``results.json``)."""
+    results = json.loads((run / "results.json").read_text())
+    table = {
+        name: {column: _dig(method, key) for key, column in FAITHFULNESS_COLUMNS}
+        for name, method in results["methods"].items()
+    }
+    warp = results.get("warp_simulator") or {}
+    learned = results.get("learned_explainers") or {}
+    return {
+        "cohort": results["data"].get("cohort"),
+        "dims": results["data"]["dims"],
+        "shape": results["data"]["shape"],
+        "network": results["settings"]["arch"],
+        "classifier_test_auc": results["classifier"]["test_auc"],
+        "classifier_test_accuracy": results["classifier"]["test_accuracy"],
+        "wall_seconds": results["wall_seconds"],
+        "methods": table,
+        "warp_simulator": warp.get("scores"),
+        "similar_adversarial": (learned.get("similar_adversarial") or {}).get(
+            "test_decision_rates"
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8, help="images per batch")
     parser.add_argument("--steps", type=int, default=16, help="IG steps / SmoothGrad samples")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cohorts", default=",".join(COHORTS))
+    parser.add_argument(
+        "--faithfulness", nargs="+", type=Path, help="finished cohort demo folders to tabulate"
+    )
     args = parser.parse_args()
+    if args.faithfulness:
+        tables = [faithfulness(run) for run in args.faithfulness]
+        print(json.dumps({"benchmark": "cohorts_faithfulness", "runs": tables}, indent=2))
+        return
     torch.manual_seed(0)
     start = time.perf_counter()
     results = {
