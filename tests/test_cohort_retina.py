@@ -17,6 +17,7 @@ from medexplain.data.cohorts.retina import (
     RETINA_CLASSES,
     RETINA_LANDMARKS,
     as_left_eyes,
+    left_eyes,
     make_retina,
     retina_regions,
 )
@@ -149,6 +150,29 @@ def test_mirrored_eye_puts_disc_and_fovea_on_the_other_side(cohort):
     found = torch.stack([peak // SIZE, peak % SIZE], 1).float()
     error = (found - cohort.extra["disc"]).norm(dim=1)
     assert (error < 0.5 * cohort.extra["disc_diameter"]).all()
+
+
+def test_left_eyes_mirror_every_right_eye_back_with_its_truth(cohort):
+    left = left_eyes(cohort)
+    flip = cohort.extra["flip"]
+    # Every image now has the disc on the viewer's left of the fovea, as the source photograph.
+    assert (left.extra["disc"][:, 1] < left.extra["fovea"][:, 1]).all()
+    for key in ("disc", "fovea"):
+        torch.testing.assert_close(left.extra[key][~flip], cohort.extra[key][~flip])
+        torch.testing.assert_close(left.extra[key][flip, 0], cohort.extra[key][flip, 0])
+    # Images, evidence and counterfactuals move together: still equal outside the evidence.
+    torch.testing.assert_close(left.images[flip], cohort.images[flip].flip(-1))
+    torch.testing.assert_close(left.images[~flip], cohort.images[~flip])
+    assert torch.equal(left.evidence[flip], cohort.evidence[flip].flip(-1))
+    outside = ~left.evidence.expand_as(left.images)
+    assert torch.equal(left.images[outside], left.extra["counterfactual"][outside])
+    # The mirrored disc is where the brightest smooth spot of the mirrored image is.
+    healthy = left.extra["counterfactual"].sum(1, keepdim=True)
+    smooth = F.conv2d(healthy, torch.ones(1, 1, 7, 7) / 49, padding=3)[:, 0].flatten(1)
+    peak = smooth.argmax(1)
+    found = torch.stack([peak // SIZE, peak % SIZE], 1).float()
+    assert ((found - left.extra["disc"]).norm(dim=1) < 0.5 * left.extra["disc_diameter"]).all()
+    assert left.config["left_eyes"] and not cohort.config.get("left_eyes")
 
 
 def test_mirror_without_other_variation_is_the_exact_left_right_flip():
