@@ -69,7 +69,9 @@ class DemoSettings:
 
     ``warp_seconds > 0`` fits a warping simulator for the atrophy class for at most that
     long (:mod:`medexplain.demo.warp`) and scores it on ``warp_images`` test images per
-    direction; ``for_run`` turns it on for volumes (``--dims 3``).
+    direction; ``for_run`` turns it on for volumes (``--dims 3``);
+    ``warp_diffeomorphic`` integrates a stationary velocity field (no folding by
+    construction) instead of predicting the displacement.
 
     ``cohort`` (None: the geometric benchmark) names a realistic cohort of
     :mod:`medexplain.demo.cohorts`, whose defaults ``for_run`` takes; ``arch`` is the
@@ -105,6 +107,7 @@ class DemoSettings:
     sag_images: int = 3
     warp_seconds: float = 0.0
     warp_images: int = 24
+    warp_diffeomorphic: bool = False
     generator_seconds: float = 0.0
     peppr_steps: int = 20
     peppr_seeds: int = 5

@@ -52,13 +52,14 @@ def run_warp_section(
     seed: int = 0,
     progress: bool = True,
     save_map: Callable[[torch.Tensor, Path], Path] | None = None,
+    **params: Any,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Fit, score and draw the simulator; returns its JSON entry and the figure paths.
 
     ``model`` is the demo's frozen classifier; ``train``/``val`` fit the simulator,
     ``n_images`` correctly classified ``test`` images per direction score it.
     ``save_map(map (*S), path)`` writes the NIfTI files (default: volumes only, identity
-    affine).
+    affine). ``params`` go to the simulator (e.g. ``diffeomorphic=True``).
     """
     if save_map is None and test.images.dim() == 5:
         save_map = save_nifti
@@ -76,6 +77,7 @@ def run_warp_section(
         max_seconds=max_seconds,
         seed=seed,
         progress=progress,
+        **params,
     )
     history = explainer.history
     entry: dict[str, Any] = {
@@ -168,6 +170,7 @@ def run_warp(state: DemoState) -> DemoState:
             seed=settings.seed,
             progress=state.progress,
             save_map=state.save_nifti if state.writes_nifti else None,
+            diffeomorphic=settings.warp_diffeomorphic,
         )
         state.figures.update(figures)
     return state
