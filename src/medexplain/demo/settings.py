@@ -17,7 +17,7 @@ the randomised models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .cohorts import cohort_defaults
@@ -69,9 +69,9 @@ class DemoSettings:
 
     ``warp_seconds > 0`` fits a warping simulator for the atrophy class for at most that
     long (:mod:`medexplain.demo.warp`) and scores it on ``warp_images`` test images per
-    direction; ``for_run`` turns it on for volumes (``--dims 3``);
-    ``warp_diffeomorphic`` integrates a stationary velocity field (no folding by
-    construction) instead of predicting the displacement.
+    direction; ``for_run`` turns it on for volumes (``--dims 3``); ``warp_params`` are the
+    simulator's keywords (e.g. ``diffeomorphic=True``: a stationary velocity field
+    integrated by scaling and squaring, so no voxel folds).
 
     ``cohort`` (None: the geometric benchmark) names a realistic cohort of
     :mod:`medexplain.demo.cohorts`, whose defaults ``for_run`` takes; ``arch`` is the
@@ -107,7 +107,7 @@ class DemoSettings:
     sag_images: int = 3
     warp_seconds: float = 0.0
     warp_images: int = 24
-    warp_diffeomorphic: bool = False
+    warp_params: dict[str, Any] = field(default_factory=dict)
     generator_seconds: float = 0.0
     peppr_steps: int = 20
     peppr_seeds: int = 5

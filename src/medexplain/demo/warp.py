@@ -170,7 +170,7 @@ def run_warp(state: DemoState) -> DemoState:
             seed=settings.seed,
             progress=state.progress,
             save_map=state.save_nifti if state.writes_nifti else None,
-            diffeomorphic=settings.warp_diffeomorphic,
+            **settings.warp_params,
         )
         state.figures.update(figures)
     return state
