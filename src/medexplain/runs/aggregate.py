@@ -59,8 +59,12 @@ def accumulate(
 
 
 def _display_mean(store: RunStore) -> np.ndarray | None:
+    """The run's mean image as figures draw it: ``(3, *S)`` for colour images (drawn in
+    RGB), else the channel mean ``(*S)`` (grey)."""
     mean = store.mean_image()
-    return None if mean is None else mean.mean(axis=0)
+    if mean is None or mean.shape[0] == 3:
+        return mean
+    return mean.mean(axis=0)
 
 
 def _group_key(by: str, name: str) -> tuple[str, ...]:
