@@ -83,7 +83,7 @@ def run_warp_section(
     entry: dict[str, Any] = {
         "class": WARP_CLASS,
         "checkpoint": "warp_simulator.pt",
-        "parameters": {**explainer.network_params, "max_seconds": max_seconds},
+        "parameters": {**explainer.network_params, **params, "max_seconds": max_seconds},
         "fit": {
             "seconds": history.seconds,
             "steps": history.steps,
