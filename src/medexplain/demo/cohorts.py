@@ -48,6 +48,15 @@ COHORT_SETTINGS: dict[str, dict[str, Any]] = {
         # DenseNet with warps of the whole brain instead of the medial temporal lobes.
         "warp_params": {"diffeomorphic": True, "margin_fraction": 1.5, "magnitude_weight": 1.0},
         "quick": {"n_images": 300, "train_seconds": 120.0, "n_explain": 24, "n_peppr": 24},
+        # --dims 2, the axial slice: slices are cheap, so as many as the 2D cohorts.
+        "slice": {
+            "dims": 2,
+            "n_images": 1200,
+            "n_explain": 120,
+            "n_peppr": 100,
+            "n_deletion": 24,
+            "quick": {"n_images": 600, "n_explain": 48, "n_peppr": 48, "n_deletion": 12},
+        },
     },
     "retina": {
         "dims": 2,
@@ -89,13 +98,19 @@ COHORT_SETTINGS: dict[str, dict[str, Any]] = {
 COHORTS = tuple(COHORT_SETTINGS)
 
 
-def cohort_defaults(name: str, quick: bool) -> dict[str, Any]:
-    """The DemoSettings fields of cohort ``name`` (with its quick entries when ``quick``)."""
+def cohort_defaults(name: str, quick: bool, dims: int = 2) -> dict[str, Any]:
+    """The DemoSettings fields of cohort ``name``: its entries, then its ``quick`` ones when
+    ``quick``, then (the brain cohort with ``dims=2``) those of its ``slice``."""
     if name not in COHORT_SETTINGS:
         raise ValueError(f"unknown cohort {name!r}; choose one of {', '.join(COHORTS)}")
-    fields = {k: v for k, v in COHORT_SETTINGS[name].items() if k != "quick"}
+    table = COHORT_SETTINGS[name]
+    fields = {k: v for k, v in table.items() if k not in ("quick", "slice")}
     if quick:
-        fields.update(COHORT_SETTINGS[name]["quick"])
+        fields.update(table["quick"])
+    if dims == 2 and "slice" in table:
+        fields.update({k: v for k, v in table["slice"].items() if k != "quick"})
+        if quick:
+            fields.update(table["slice"]["quick"])
     return copy.deepcopy(fields)
 
 

@@ -123,11 +123,7 @@ class DemoSettings:
         """The defaults for ``dims`` (2 or 3) and ``quick`` (or those of ``cohort``, with
         ``dims`` choosing the brain cohort's 2D slice), then ``overrides`` by field name."""
         if cohort is not None:
-            fields = cohort_defaults(cohort, quick)
-            if cohort == "brain":
-                fields["dims"] = dims
-                if dims == 2:
-                    fields.update(n_images=1200, n_explain=120, n_peppr=100, n_deletion=24)
+            fields = cohort_defaults(cohort, quick, dims)
             settings = cls(cohort=cohort, quick=quick, **fields)
             if settings.generator_seconds > 0:
                 settings.methods = (*settings.methods, "similar_adversarial")
