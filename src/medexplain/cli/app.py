@@ -113,7 +113,44 @@ ShapeOpt = Annotated[
 NormaliseOpt = Annotated[
     str, typer.Option(help="Intensity normalisation: none, minmax, zscore, percentile, range.")
 ]
-DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda:0.")]
+
+
+def check_device(text: str) -> str:
+    """``--device``: a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(
+            f"{text!r} is not a torch device; expected cpu, cuda or cuda:N (e.g. cuda:0)"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise typer.BadParameter(f"{text}: no CUDA device is available here; use cpu")
+        if device.index is not None and device.index >= count:
+            raise typer.BadParameter(f"{text}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise typer.BadParameter(f"{text}: MPS is not available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise typer.BadParameter(f"{text}: expected cpu, cuda, cuda:N or mps")
+    return text
+
+
+def check_out_folder(out: Path, option: str = "--out") -> None:
+    """Refuse an output folder that is a file, or that lies below a file."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is" if folder == out else f"lies below {folder}, which is"
+                raise fail(f"{option} {out} {where} a file; expected a folder")
+            return
+
+
+DeviceOpt = Annotated[
+    str, typer.Option(help="torch device, e.g. cpu or cuda:0.", callback=check_device)
+]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars with ETA.")]
 
 

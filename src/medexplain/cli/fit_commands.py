@@ -95,7 +95,7 @@ def fit_similar_adversarial_command(
     shape: ShapeOpt = None,
     normalise: NormaliseOpt = "none",
     param: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
-    max_seconds: Annotated[float, typer.Option(help="Training time cap.")] = 300.0,
+    max_seconds: Annotated[float, typer.Option(help="Training time cap.", min=0)] = 300.0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: DeviceOpt = "cpu",
     progress: ProgressOpt = True,
@@ -139,7 +139,7 @@ def fit_warp_simulator_command(
         int | None, typer.Option(help="Class to inject/remove (default: every class).")
     ] = None,
     param: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
-    max_seconds: Annotated[float, typer.Option(help="Training time cap.")] = 300.0,
+    max_seconds: Annotated[float, typer.Option(help="Training time cap.", min=0)] = 300.0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: DeviceOpt = "cpu",
     progress: ProgressOpt = True,

@@ -19,6 +19,7 @@ from .app import (
     ProgressOpt,
     ShapeOpt,
     app,
+    check_out_folder,
     console,
     fail,
     guard,
@@ -84,6 +85,7 @@ def explain(
     """
     from ..runs import ExplainSettings, explain_run, global_run
 
+    check_out_folder(out)
     settings = ExplainSettings(
         data=str(data),
         method=method,

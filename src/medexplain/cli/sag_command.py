@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..core.errors import one_line
 from .app import (
     ConfigOpt,
     DeviceOpt,
@@ -15,6 +16,7 @@ from .app import (
     NormaliseOpt,
     ShapeOpt,
     app,
+    check_out_folder,
     console,
     fail,
     guard,
@@ -34,7 +36,7 @@ def sag(
     target: Annotated[
         int | None, typer.Option(help="Class index explained (default: the predicted class).")
     ] = None,
-    grid: Annotated[int, typer.Option(help="Patches per side (7 in the SAG paper).")] = 7,
+    grid: Annotated[int, typer.Option(help="Patches per side (7 in the SAG paper).", min=1)] = 7,
     param: Annotated[
         list[str] | None, typer.Option(help="Further SAG parameter key=value (repeatable).")
     ] = None,
@@ -66,7 +68,17 @@ def sag(
     item, error = dataset.try_get(0)
     if item is None:
         raise fail(error or f"cannot read {image}")
-    result = run_sag(loaded, item["image"], out, target=target, grid=grid, **parse_params(param))
+    check_out_folder(out)
+    try:
+        result = run_sag(
+            loaded, item["image"], out, target=target, grid=grid, **parse_params(param)
+        )
+    except TypeError as error:
+        raise fail(f"--param: {one_line(error)}") from None
+    except ValueError as error:
+        message = one_line(error)
+        option = "--grid" if "grid" in message else "--target" if "target" in message else ""
+        raise fail(f"{option} {message}".strip()) from None
     plot_sag(result, out / "sag.png")
     console.print(
         f"[green]done[/green]: {len(result.roots)} root(s), {len(result.diverse)} diverse, "

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import one_line
 from ..data.files import ImageDataset, open_dataset
 from ..explain import create
 from ..models.external import LoadedModel, ModelError, load_model
@@ -147,13 +148,21 @@ def make_explainer(settings: ExplainSettings, model: torch.nn.Module):
         if settings.force:
             params["force"] = True
     try:
-        return create(settings.method, model, **params)
+        explainer = create(settings.method, model, **params)
     except KeyError as error:
         raise RunError(str(error).strip("'\"")) from error
     except ClassifierMismatchError as error:
         raise RunError(f"--explainer-checkpoint: {error}") from error
     except TypeError as error:
         raise RunError(f"--method {settings.method}: bad --param ({error})") from error
+    except ValueError as error:
+        raise RunError(f"--method {settings.method}: bad --param: {one_line(error)}") from error
+    if getattr(explainer, "fitted", True) is False:
+        raise RunError(
+            f"--method {settings.method} is a learned explainer: give its checkpoint with "
+            f"--explainer-checkpoint (fit one with `medexplain fit`)"
+        )
+    return explainer
 
 
 def group_names(dataset: ImageDataset, model: LoadedModel, outputs: int) -> list[str]:
