@@ -78,7 +78,7 @@ CASES = [
         [*EXPLAIN, "--method", "similar_adversarial", "--out", "{o}"],
         ["similar_adversarial", "--explainer-checkpoint"],
     ),
-    ("sag grid 0", [*SAG, "--grid", "0", "--out", "{o}"], ["--grid", "greater than or equal to 1"]),
+    ("sag grid 0", [*SAG, "--grid", "0", "--out", "{o}"], ["--grid", "Invalid value"]),
     (
         "sag grid finer than the image",
         [*SAG, "--grid", "100", "--out", "{o}"],
@@ -93,7 +93,7 @@ CASES = [
     (
         "fit negative time",
         [*FIT, "--max-seconds", "-5", "--out", "{o}.pt"],
-        ["--max-seconds", "greater than or equal to 0"],
+        ["--max-seconds", "Invalid value"],
     ),
 ]
 
