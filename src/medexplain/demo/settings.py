@@ -122,18 +122,27 @@ class DemoSettings:
     ) -> DemoSettings:
         """The defaults for ``dims`` (2 or 3) and ``quick`` (or those of ``cohort``, with
         ``dims`` choosing the brain cohort's 2D slice), then ``overrides`` by field name."""
-        if cohort is not None:
-            fields = cohort_defaults(cohort, quick, dims)
-            settings = cls(cohort=cohort, quick=quick, **fields)
-            if settings.generator_seconds > 0:
-                settings.methods = (*settings.methods, "similar_adversarial")
-            if quick:
-                settings.peppr_steps = 10
-                settings.warp_seconds = min(settings.warp_seconds, 90.0)
-                settings.generator_seconds = min(settings.generator_seconds, 60.0)
-            for key, value in overrides.items():
-                setattr(settings, key, value)
-            return settings
+        settings = cls._cohort(cohort, dims, quick) if cohort else cls._benchmark(dims, quick)
+        if quick:
+            settings.peppr_steps = 10
+            settings.warp_seconds = min(settings.warp_seconds, 90.0)
+            settings.generator_seconds = min(settings.generator_seconds, 60.0)
+        for key, value in overrides.items():
+            setattr(settings, key, value)
+        return settings
+
+    @classmethod
+    def _cohort(cls, cohort: str, dims: int, quick: bool) -> DemoSettings:
+        """The sizes of a realistic cohort (:func:`~.cohorts.cohort_defaults`); a fitted
+        generator is explained beside the other methods."""
+        settings = cls(cohort=cohort, quick=quick, **cohort_defaults(cohort, quick, dims))
+        if settings.generator_seconds > 0:
+            settings.methods = (*settings.methods, "similar_adversarial")
+        return settings
+
+    @classmethod
+    def _benchmark(cls, dims: int, quick: bool) -> DemoSettings:
+        """The geometric benchmark's sizes for ``dims`` and ``quick``."""
         settings = cls(dims=dims, quick=quick)
         if dims == 3:
             settings = cls(
@@ -156,10 +165,6 @@ class DemoSettings:
             settings.n_peppr = 60 if dims == 2 else 24
             settings.n_deletion = 12 if dims == 2 else 6
             settings.n_sanity = 3 if dims == 2 else 2
-            settings.peppr_steps = 10
-            settings.warp_seconds = min(settings.warp_seconds, 90.0)
-        for key, value in overrides.items():
-            setattr(settings, key, value)
         return settings
 
     @property

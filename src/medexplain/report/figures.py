@@ -35,14 +35,10 @@ def to_numpy(array: torch.Tensor | np.ndarray) -> np.ndarray:
     return array
 
 
-def display_slice(array: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A 2D view: the image itself in 2D, the middle slice along the first axis in 3D."""
-    array = to_numpy(array)
-    if array.ndim == 3:
-        return array[array.shape[0] // 2]
-    if array.ndim != 2:
-        raise ValueError(f"expected a 2D image or 3D volume, got shape {array.shape}")
-    return array
+def upright(view: np.ndarray) -> np.ndarray:
+    """A slice ``(A, B)`` of a RAS-ordered volume as radiologists view it: transposed
+    (rows = the second axis) and flipped so that anterior (or superior) is up."""
+    return np.flipud(view.T)
 
 
 def spatial_view(
@@ -76,7 +72,7 @@ def spatial_view(
         if cut is None:
             array = array[:, array.shape[1] // 2]
         else:
-            array = np.flip(np.swapaxes(array[:, :, :, int(cut[2])], 1, 2), axis=1)
+            array = np.stack([upright(channel) for channel in array[:, :, :, int(cut[2])]])
     if array.shape[0] == 3:
         return np.clip(np.moveaxis(array, 0, -1), 0.0, 1.0)
     return array[0]
@@ -118,11 +114,6 @@ def _overlay(ax, background: np.ndarray, heat: np.ndarray, signed: bool, title: 
     return ScalarMappable(norm=norm, cmap="RdBu_r" if two_sided else "inferno")
 
 
-def _spatial_ndim(array: torch.Tensor | np.ndarray) -> int:
-    """Number of spatial axes of a map ``(1, *spatial)`` or ``(*spatial)``."""
-    return to_numpy(array).ndim
-
-
 def plot_global_maps(
     mean_image: torch.Tensor | np.ndarray,
     maps: Mapping[str, torch.Tensor | np.ndarray],
@@ -140,7 +131,7 @@ def plot_global_maps(
     3D maps get a colour bar per panel (the middle slice of the first axis is shown).
     """
     names = list(maps)
-    ndim = _spatial_ndim(maps[names[0]])
+    ndim = to_numpy(maps[names[0]]).ndim  # maps are (1, *spatial) or (*spatial)
     background = spatial_view(mean_image, ndim)
     fig = _figure(figsize=(2.6 * len(names) + (0.6 * len(names) if ndim == 3 else 0), 2.9))
     axes = fig.subplots(1, len(names), squeeze=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .figures import _figure, _overlay, _save, to_numpy
+from .figures import _figure, _overlay, _save, to_numpy, upright
 
 
 def _volume(array: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
@@ -142,7 +142,7 @@ def _upright_slices(volume: np.ndarray, voxel: tuple[int, int, int]) -> list[np.
     """Sagittal ``[i]``, coronal ``[:, j]`` and axial ``[:, :, k]`` slices of a RAS-ordered
     ``(X, Y, Z)`` volume, transposed and flipped so superior (axial: anterior) is up."""
     i, j, k = voxel
-    return [np.flipud(view.T) for view in (volume[i], volume[:, j], volume[:, :, k])]
+    return [upright(view) for view in (volume[i], volume[:, j], volume[:, :, k])]
 
 
 def _voxel_rows(background, heats, outlines, voxels, signed):
