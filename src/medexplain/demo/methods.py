@@ -78,13 +78,12 @@ def aggregate_global_maps(state: DemoState) -> DemoState:
             }
             path = state.out / "figures" / f"global_{name}.png"
             title = f"label-wise global maps — {name}"
-            affine = getattr(bench, "affine", None)
-            if settings.dims == 3 and affine is not None:
+            if settings.dims == 3 and state.affine is not None:
                 state.figures[f"global_{name}"] = plot_global_maps_ortho(
                     state.mean_image,
                     label_maps,
                     path,
-                    affine=affine,
+                    affine=state.affine,
                     regions=state.outlines,
                     title=title,
                 )

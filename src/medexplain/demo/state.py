@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,15 +82,21 @@ class DemoState:
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def affine(self) -> np.ndarray | None:
+        """The images' ``(4, 4)`` voxel-to-world matrix (the brain cohort's MNI space), or
+        None (the benchmark, photographs)."""
+        return getattr(self.bench, "affine", None)
+
+    @property
     def writes_nifti(self) -> bool:
         """True when maps are also written as NIfTI: volumes, and slices of a cohort in a
         world space (the brain cohort's MNI space)."""
-        return self.settings.dims == 3 or getattr(self.bench, "affine", None) is not None
+        return self.settings.dims == 3 or self.affine is not None
 
     def save_nifti(self, volume: torch.Tensor, path: Path) -> Path:
         """Write a map ``(*S)`` (leading singleton axes allowed) as NIfTI: in the cohort's
         world space (sform/qform code MNI) when it has an affine, else with the identity."""
-        if getattr(self.bench, "affine", None) is not None:
+        if self.affine is not None:
             return save_cohort_nifti(volume, path, self.bench)
         return save_nifti(volume, path)
 
