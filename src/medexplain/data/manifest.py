@@ -223,6 +223,12 @@ def read_csv_manifest(
     return Manifest(records, names, source=csv_path)
 
 
+def manifest_columns(csv_path: str | os.PathLike, path_column: str = "path") -> list[str]:
+    """The column names of a CSV manifest's header (DataError for a missing or empty file,
+    or a header without ``path_column``)."""
+    return _csv_reader(Path(csv_path), path_column)[1]
+
+
 def _csv_reader(csv_path: Path, path_column: str) -> tuple[csv.DictReader, list[str]]:
     """A reader over the rows of ``csv_path`` (delimiter guessed from the header, column
     names stripped) and the column names; refuses a missing or empty file and a header
@@ -339,8 +345,24 @@ def _class_indices(
             raise DataError(f"{where}: negative class index {min(ints)} in '{column}'")
         return [int(i) for i in ints], [str(i) for i in range(max(ints) + 1)]
     names = sorted(set(values))
+    _refuse_continuous(names, where, column)
     lookup = {name: i for i, name in enumerate(names)}
     return [lookup[v] for v in values], names
+
+
+def _refuse_continuous(names: list[str], where: str, column: str) -> None:
+    """Refuse a label column of non-integer numbers (a measurement, not a class)."""
+    try:
+        numbers = [float(name) for name in names]
+    except ValueError:
+        return
+    if any(not number.is_integer() for number in numbers):
+        examples = ", ".join(names[:3])
+        raise DataError(
+            f"{where}: '{column}' holds {len(names)} distinct non-integer numbers ({examples}, "
+            "...); expected class names or integer class indices (a continuous target is not "
+            "a class the model outputs)"
+        )
 
 
 # --------------------------------------------------------------------------- folders

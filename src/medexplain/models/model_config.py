@@ -1,7 +1,7 @@
 """The model YAML: what a model file cannot say about its outputs and inputs.
 
-The format (keys ``labels``, ``activation``, ``input: {shape, mean, std}``, ``factory``,
-``factory_kwargs``) is shown in :mod:`medexplain.models.external`.
+The format (keys ``labels``, ``activation``, ``outputs``, ``input: {shape, mean, std}``,
+``factory``, ``factory_kwargs``) is shown in :mod:`medexplain.models.external`.
 :func:`read_model_config` reads a file or dict and checks its keys; the ``check_*`` helpers
 check the values (also when they come as keyword arguments of
 :func:`medexplain.models.external.load_model`).
@@ -17,11 +17,24 @@ from typing import Any
 
 from ..core.errors import typed_line
 
-ACTIVATIONS = ("softmax", "sigmoid")
-CONFIG_KEYS = ("labels", "activation", "input", "factory", "factory_kwargs")
+#: How the scores become probabilities; ``probabilities`` and ``log_probabilities`` are
+#: short for ``softmax`` over a network that already returns them (see ``OUTPUTS``).
+ACTIVATIONS = ("softmax", "sigmoid", "probabilities", "log_probabilities")
+#: What the network returns.
+OUTPUTS = ("logits", "probabilities", "log_probabilities")
+CONFIG_KEYS = ("labels", "activation", "outputs", "input", "factory", "factory_kwargs")
 INPUT_KEYS = ("shape", "mean", "std")
 #: The keys of :func:`read_model_config`'s answer (and of ``load_model``'s overrides).
-SETTINGS = ("labels", "activation", "input_shape", "mean", "std", "factory", "factory_kwargs")
+SETTINGS = (
+    "labels",
+    "activation",
+    "outputs",
+    "input_shape",
+    "mean",
+    "std",
+    "factory",
+    "factory_kwargs",
+)
 
 
 class ModelError(ValueError):
@@ -45,7 +58,7 @@ def as_floats(value: Any, name: str) -> tuple[float, ...] | None:
 
 def read_model_config(config: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
     """Read and check a model YAML (or an equivalent dict); returns a flat dict with keys
-    ``labels, activation, input_shape, mean, std, factory, factory_kwargs`` (None if
+    ``labels, activation, outputs, input_shape, mean, std, factory, factory_kwargs`` (None if
     absent). Unknown keys raise, naming the known ones."""
     out: dict[str, Any] = dict.fromkeys(SETTINGS)
     where = "model config"
@@ -62,7 +75,7 @@ def read_model_config(config: str | os.PathLike | Mapping[str, Any] | None) -> d
     if not isinstance(spec, Mapping):
         raise ModelError(f"{where}: 'input' must be a mapping with {list(INPUT_KEYS)}")
     _refuse_unknown(spec, INPUT_KEYS, f"{where}: unknown input key(s)")
-    out.update({key: config.get(key) for key in ("labels", "activation", "factory")})
+    out.update({key: config.get(key) for key in ("labels", "activation", "outputs", "factory")})
     out["factory_kwargs"] = config.get("factory_kwargs")
     out.update(input_shape=spec.get("shape"), mean=spec.get("mean"), std=spec.get("std"))
     return out
