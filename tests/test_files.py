@@ -107,9 +107,12 @@ def test_nifti_keeps_a_non_identity_affine_through_resampling(tmp_path):
     )
     nib.save(nib.Nifti1Image(data, affine), tmp_path / "v.nii.gz")
     array, meta = load_image(tmp_path / "v.nii.gz")
+    # read in the closest RAS+ orientation, as nibabel's as_closest_canonical gives it
+    canonical = nib.as_closest_canonical(nib.load(tmp_path / "v.nii.gz"))
+    data, affine = canonical.get_fdata(dtype=np.float32), canonical.affine
     np.testing.assert_array_equal(array[0], data)
     np.testing.assert_allclose(meta.affine, affine)
-    assert meta.lr_axis == 1
+    assert meta.lr_axis == 0 and data.shape == (7, 6, 8)
 
     item = ImageDataset.from_paths([tmp_path / "v.nii.gz"])[0]
     np.testing.assert_allclose(item["affine"], affine)
@@ -117,7 +120,7 @@ def test_nifti_keeps_a_non_identity_affine_through_resampling(tmp_path):
     assert item["image"].shape == (1, 11, 4, 15) and item["affine"].dtype == np.float64
     # align_corners=True: the first and last voxel centres keep their world positions,
     # and the resampled value there equals the original voxel's value.
-    for old, new in (((0, 0, 0), (0, 0, 0)), ((5, 6, 7), (10, 3, 14))):
+    for old, new in (((0, 0, 0), (0, 0, 0)), ((6, 5, 7), (10, 3, 14))):
         np.testing.assert_allclose(item["affine"] @ [*new, 1], affine @ [*old, 1], atol=1e-9)
         assert item["image"][(0, *new)] == pytest.approx(float(data[old]), abs=1e-5)
 
@@ -437,9 +440,12 @@ def test_flip_follows_the_left_right_axis_of_a_nifti(tmp_path):
     nib.save(nib.Nifti1Image(data, affine), tmp_path / "v.nii")  # voxel axis 1 = world x
     (tmp_path / "d.csv").write_text("path,label,flip\nv.nii,0,1\n")
     ds = ImageDataset.from_csv(tmp_path / "d.csv")
-    assert ds.lr_axis == 1
-    np.testing.assert_array_equal(ds[0]["image"][0].numpy(), data[:, ::-1, :])
-    np.testing.assert_allclose(ds[0]["affine"], affine)  # mirrored content, same grid
+    # read in RAS+ order (nibabel's as_closest_canonical): world x is voxel axis 0
+    canonical = nib.as_closest_canonical(nib.load(tmp_path / "v.nii"))
+    assert ds.lr_axis == 0
+    expected = canonical.get_fdata(dtype=np.float32)[::-1]
+    np.testing.assert_array_equal(ds[0]["image"][0].numpy(), expected)
+    np.testing.assert_allclose(ds[0]["affine"], canonical.affine)  # mirrored content, same grid
 
 
 def test_flat_folder_keeps_dicom_series_and_skips_other_folders(tmp_path):

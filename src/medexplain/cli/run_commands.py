@@ -72,6 +72,13 @@ def explain(
             help="Use --explainer-checkpoint even if it was fitted for another classifier."
         ),
     ] = False,
+    nifti_maps: Annotated[
+        bool | None,
+        typer.Option(
+            "--nifti-maps/--no-nifti-maps",
+            help="Also write each map as NIfTI in OUT/maps/ (default: for 3D images only).",
+        ),
+    ] = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Explain every image of a dataset into a resumable run folder.
@@ -103,6 +110,7 @@ def explain(
         chunk_size=chunk_size,
         limit=limit,
         force=force,
+        nifti_maps=nifti_maps,
     )
     summary = explain_run(
         settings, out, overwrite=overwrite, progress=progress, log=lambda m: console.print(m)
@@ -146,6 +154,11 @@ def global_command(
     contrast: Annotated[
         str | None, typer.Option(help="Welch t / FDR q maps of group A vs B, as A:B.")
     ] = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option(help="Brain mask (NIfTI or .npy on the maps' grid): the voxels tested."),
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="FDR level of the contrast, in (0, 1).")] = 0.05,
 ) -> None:
     """Global maps of a run, streamed from its stored maps.
 
@@ -172,6 +185,8 @@ def global_command(
         normalise=normalise,
         transform=transform,
         contrast=pair,
+        mask=mask,
+        alpha=alpha,
         log=lambda m: console.print(m),
     )
     counts = ", ".join(f"{'/'.join(k)}: {n}" for k, n in result.counts.items())

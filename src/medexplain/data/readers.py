@@ -11,10 +11,12 @@ read as DICOM when it carries the ``DICM`` magic; a directory is a DICOM series)
 
 - PNG / JPEG / TIFF / BMP (Pillow): 8- and 16-bit grey, RGB(A) (alpha dropped), palette
   images (converted to RGB); a multi-page TIFF is a volume ``(C, pages, H, W)``.
-- NIfTI ``.nii`` / ``.nii.gz`` (and ``.mgz``, via nibabel): the voxel array keeps the file's
-  voxel order (``D, H, W`` = ``i, j, k``), so ``meta.affine`` (voxel -> world, RAS mm) maps
-  the array's indices to world space unchanged. A 4th axis becomes channels; a single
-  slice ``(X, Y, 1)`` is a 2D image.
+- NIfTI ``.nii`` / ``.nii.gz`` (and ``.mgz``, via nibabel): a volume is read in the closest
+  canonical (RAS+) voxel orientation, as :func:`nibabel.as_closest_canonical` gives it (axis
+  permutations and flips only, :mod:`medexplain.data.orientation`), and ``meta.affine``
+  (voxel -> world, RAS mm) maps the array's indices ``(D, H, W)`` = ``(i, j, k)`` to world
+  space. A 4th axis becomes channels; a single slice ``(X, Y, 1)`` is a 2D image in the
+  file's voxel order.
 - DICOM (pydicom): modality LUT / rescale slope and intercept applied; ``MONOCHROME1``
   inverted within its representable range so that higher always means brighter; a
   multi-frame file is a volume ``(C, frames, rows, cols)``; a folder of single-frame
@@ -151,9 +153,11 @@ def lr_axis_from_affine(affine: np.ndarray, spatial_dims: int) -> int:
 
 
 def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
-    """NIfTI (or MGH) via nibabel -> ``(C, X, Y, Z)`` in the file's voxel order, with the
-    affine from the header (sform, else qform) in ``meta.affine``."""
+    """NIfTI (or MGH) via nibabel -> ``(C, X, Y, Z)`` in the closest RAS+ voxel order, with
+    the header's affine (sform, else qform) reoriented alike in ``meta.affine``."""
     import nibabel as nib
+
+    from .orientation import to_canonical
 
     path = Path(path)
     _check_file(path)
@@ -165,6 +169,7 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
         raise DataError(f"cannot read {path} as NIfTI: {typed_line(error)}") from error
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
+    data, affine = to_canonical(data, affine)
     if data.ndim == 3 and data.shape[2] == 1:
         data = data[:, :, 0]
     if data.ndim == 2 or data.ndim == 3:

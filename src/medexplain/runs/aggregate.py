@@ -1,8 +1,17 @@
-"""``global``: a run's stored maps streamed into global maps, figures and contrasts."""
+"""``global``: a run's stored maps streamed into global maps, figures and contrasts.
+
+3D global maps are also written as NIfTI, but only when every image of the run lies on one
+grid (:func:`medexplain.runs.nifti_maps.shared_grid`: the same affine within 1e-3 mm);
+otherwise the ``.npy`` files and figures are written and one line names the first image
+whose affine differs. A contrast can be restricted to a mask (``--mask``): only its voxels
+are tested and counted by the Benjamini-Hochberg correction, at FDR level ``--alpha``.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,9 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.errors import one_line
+from ..data.readers import DataError, load_image
 from ..globalmaps import GlobalMaps, GlobalResult
-from .atomic import atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import RunError
+from .nifti_maps import AFFINE_TOL, SharedGrid, shared_grid
 from .settings import open_run
 from .store import RunStore
 
@@ -71,36 +83,112 @@ def _group_key(by: str, name: str) -> tuple[str, ...]:
     return (by, *name.split("/"))
 
 
+def _default_by(store: RunStore, record: dict[str, Any]) -> str:
+    """``label`` when some explained image has a label, else ``prediction``."""
+    if record.get("multilabel"):
+        return "label"
+    for chunk in store.iter_chunks(maps=False):
+        if len(chunk) and bool((np.asarray(chunk.label) >= 0).any()):
+            return "label"
+    return "prediction"
+
+
+def check_alpha(alpha: float) -> float:
+    """The FDR level: a number strictly between 0 and 1 (RunError naming --alpha)."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise RunError(f"--alpha must be a number in (0, 1), got {alpha!r}") from None
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise RunError(f"--alpha must be a number in (0, 1) (the FDR level), got {alpha!r}")
+    return value
+
+
+def load_mask(
+    path: str | os.PathLike, spatial_shape: Sequence[int], grid: SharedGrid
+) -> torch.Tensor:
+    """A brain mask ``(1, *S)`` bool on the maps' grid: a NIfTI (read like the images,
+    RAS+ voxel order) or ``.npy`` whose voxels > 0 are inside. Its shape must be the maps'
+    and, when both have one, its affine the maps' (within 1e-3 mm); RunError otherwise."""
+    shape = tuple(int(n) for n in spatial_shape)
+    if not os.path.exists(path):
+        raise RunError(f"--mask {path} does not exist; expected a NIfTI or .npy mask")
+    try:
+        array, meta = load_image(path, spatial_dims=len(shape))
+    except DataError as error:
+        raise RunError(f"--mask: {one_line(error)}") from None
+    if array.shape[0] != 1 or tuple(array.shape[1:]) != shape:
+        found = tuple(array.shape[1:]) if array.shape[0] == 1 else tuple(array.shape)
+        raise RunError(
+            f"--mask {path} has shape {found}; expected one channel on the maps' grid "
+            f"{shape} (the run's image shape)"
+        )
+    if meta.affine is not None and grid.affine is not None:
+        gap = float(np.abs(np.asarray(meta.affine) - grid.affine).max())
+        if gap > AFFINE_TOL:
+            raise RunError(
+                f"--mask {path} has an affine that differs from the maps' grid by up to "
+                f"{gap:.4g} mm; resample the mask onto the images' grid"
+            )
+    inside = torch.from_numpy(np.ascontiguousarray(array > 0))
+    if not bool(inside.any()):
+        raise RunError(f"--mask {path} has no voxel > 0; expected a non-empty mask")
+    return inside
+
+
+def _write_nifti(path: Path, array: np.ndarray, grid: SharedGrid) -> None:
+    from ..report.nifti import nifti_bytes
+
+    atomic_write_bytes(path, nifti_bytes(array, grid.affine, grid.codes))
+
+
 def global_run(
     run: str | Path,
     *,
-    by: str = "label",
+    by: str | None = "label",
     normalise: str = "max",
     transform: str = "abs",
     contrast: tuple[str, str] | None = None,
+    mask: str | os.PathLike | None = None,
+    alpha: float = 0.05,
     log=print,
 ) -> GlobalResult:
     """Global maps of a run into ``RUN/global/`` (``.npy``, ``index.json``, NIfTI for 3D
-    with the first image's affine) and ``RUN/figures/global_<by>.png``; with ``contrast``
-    ``(A, B)`` also the Welch t / p / q maps of group A against B (``--by`` groups; an
-    outcome group is named ``label/TP``)."""
+    when every image shares one affine, with it and the first source's header codes) and
+    ``RUN/figures/global_<by>.png``; with ``contrast`` ``(A, B)`` also the Welch t / p / q
+    maps of group A against B (``--by`` groups; an outcome group is named ``label/TP``),
+    tested inside ``mask`` only (a NIfTI or ``.npy`` path on the maps' grid) with
+    Benjamini-Hochberg FDR level ``alpha``. ``by`` None: ``label`` when the run has labels,
+    else ``prediction``. Options are checked before anything is written (RunError)."""
     from ..report.figures import plot_global_maps
-    from ..report.nifti import save_nifti
 
-    if by not in BY:
+    if by is not None and by not in BY:
         raise RunError(f"--by must be one of {BY}, got {by!r}")
+    alpha = check_alpha(alpha)
+    if mask is not None and contrast is None:
+        raise RunError("--mask restricts a contrast; give --contrast A:B with it")
     store, record = open_run(run)
+    by = _default_by(store, record) if by is None else by
+    grid = shared_grid(store)
+    spatial = tuple(record["spatial_shape"])
+    inside = None if mask is None else load_mask(mask, spatial, grid)
     acc = accumulate(store, record, (by,), normalise, transform)
     result = acc.result()
     directory = store.root / "global"
     if directory.exists():
         shutil.rmtree(directory)
     result.settings["by"] = by
+    result.settings["nifti"] = len(spatial) == 3 and grid.problem is None
     result.save(directory)
-    affine = store.first_affine()
-    if len(result.spatial_shape) == 3:
-        for name, array in result.to_arrays().items():
-            save_nifti(array, directory / f"{name}.nii.gz", affine)
+    if len(spatial) == 3:
+        if grid.problem is None:
+            for name, array in result.to_arrays().items():
+                _write_nifti(directory / f"{name}.nii.gz", array, grid)
+        else:
+            log(
+                f"warning: global maps written as .npy only (no NIfTI): {grid.problem}; "
+                "NIfTI global maps need every image on one grid (register them first)"
+            )
     mean = _display_mean(store)
     background = mean if mean is not None else np.zeros(result.spatial_shape)
     maps = {"/".join(key[1:]): group.mean for key, group in result.groups.items() if key[0] == by}
@@ -113,7 +201,8 @@ def global_run(
         signed=transform == "signed",
     )
     if contrast is not None:
-        _write_contrast(store, result, by, contrast, background, affine, log)
+        where = None if mask is None else str(mask)
+        _write_contrast(store, result, by, contrast, background, grid, (inside, where, alpha), log)
     return result
 
 
@@ -123,17 +212,19 @@ def _write_contrast(
     by: str,
     contrast: tuple[str, str],
     background: np.ndarray,
-    affine: np.ndarray | None,
+    grid: SharedGrid,
+    test_options: tuple[torch.Tensor | None, str | None, float],
     log,
 ) -> None:
     """Welch t / p / q maps of group ``contrast[0]`` against ``contrast[1]`` as ``.npy``
-    (and NIfTI in 3D), a JSON summary and a figure."""
+    (and NIfTI in 3D on a shared grid), a JSON summary and a figure; ``test_options`` is
+    ``(mask (1, *S) bool or None, its path, alpha)``."""
     from ..report.figures import plot_global_maps
-    from ..report.nifti import save_nifti
 
+    inside, mask_path, alpha = test_options
     a, b = _group_key(by, contrast[0]), _group_key(by, contrast[1])
     try:
-        test = result.contrast(a, b)
+        test = result.contrast(a, b, inside)
     except KeyError as error:
         raise RunError(f"--contrast {contrast[0]}:{contrast[1]}: {error.args[0]}") from None
     except ValueError as error:
@@ -143,15 +234,19 @@ def _write_contrast(
     arrays = test.to_arrays()
     for name, array in arrays.items():
         np.save(directory / f"{stem}_{name}.npy", array)
-        if len(result.spatial_shape) == 3:
-            save_nifti(array, directory / f"{stem}_{name}.nii.gz", affine)
-    significant = test.significant(0.05)
+        if len(result.spatial_shape) == 3 and grid.problem is None:
+            _write_nifti(directory / f"{stem}_{name}.nii.gz", array, grid)
+    significant = test.significant(alpha)
+    n_tested = int(np.prod(result.spatial_shape)) if inside is None else int(inside.sum())
     summary = {
         "group_a": list(a),
         "group_b": list(b),
         "count_a": test.count_a,
         "count_b": test.count_b,
-        "n_significant_q05": int(significant.sum()),
+        "alpha": alpha,
+        "mask": mask_path,
+        "n_tested": n_tested,
+        "n_significant": int(significant.sum()),
         "files": {k: f"{stem}_{k}.npy" for k in arrays},
     }
     atomic_write_text(directory / f"{stem}.json", json.dumps(summary, indent=2))
@@ -160,10 +255,13 @@ def _write_contrast(
         background,
         {
             f"t {contrast[0]} - {contrast[1]}": finite_t,
-            "t where q < 0.05": finite_t * significant,
+            f"t where q < {alpha:g}": finite_t * significant,
         },
         store.root / "figures" / f"{stem}.png",
         title=f"Welch t, {contrast[0]} vs {contrast[1]} (BH-FDR q)",
         signed=True,
     )
-    log(f"{int(significant.sum())} pixel(s) with q < 0.05 for {contrast[0]} vs {contrast[1]}")
+    log(
+        f"{int(significant.sum())} of {n_tested} tested voxel(s) with q < {alpha:g} for "
+        f"{contrast[0]} vs {contrast[1]}" + (f" inside {mask_path}" if mask_path else "")
+    )

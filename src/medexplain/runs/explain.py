@@ -22,6 +22,7 @@ from ..models.external import LoadedModel
 from ..models.model_file import file_sha256
 from .chunk import Chunk
 from .errors import RunError
+from .nifti_maps import sync_maps, wants_maps, write_chunk_maps
 from .settings import (
     CHUNK_BYTES,
     MAX_CHUNK,
@@ -270,7 +271,10 @@ def _explain_missing(
                 settings.batch_size,
             )
             errors += bad
-            store.write_chunk(_build_chunk(number, done, errors, run.spatial, run.outputs))
+            chunk = _build_chunk(number, done, errors, run.spatial, run.outputs)
+            store.write_chunk(chunk)
+            nifti = wants_maps(settings.nifti_maps, len(run.spatial))
+            write_chunk_maps(store, chunk, run.dataset, nifti)
             number += 1
             computed += len(done)
             for row, path, reason, _ in errors:
@@ -309,6 +313,7 @@ def explain_run(
         all_errors = store.errors()
         store.write_errors_csv(all_errors)
         store.write_items_csv()
+        sync_maps(store, run.dataset, wants_maps(settings.nifti_maps, len(run.spatial)))
         store.update_mean_image(lambda row: _image_or_none(run.dataset, row))
         summary = {
             "n_images": len(run.keys),

@@ -83,6 +83,8 @@ class ExplainSettings:
     chunk_size: int | None = None
     limit: int | None = None
     force: bool = False
+    #: Per-image maps as NIfTI in RUN/maps/: None = for 3D images only (does not change maps).
+    nifti_maps: bool | None = None
 
     def absolute(self) -> ExplainSettings:
         """The same settings with every file path absolute (so a run can be evaluated

@@ -8,6 +8,7 @@ Layout of a run folder ``RUN``::
     RUN/mean_image.npz       mean image of the selection (when chunks alone cannot give it)
     RUN/errors.csv           index, path, reason of every image that could not be explained
     RUN/items.csv            index, path, label, prediction, target, logits of done images
+    RUN/maps/*.nii.gz        per-image maps as NIfTI (3D, or 2D when asked; nifti_maps.py)
     RUN/.lock                held (flock) while a process writes the run
 
 Every image is identified by a **key** (:func:`medexplain.data.manifest.record_key`:
@@ -73,6 +74,7 @@ RUN_FILES = (
     "mean_image.npz",
     "errors.csv",
     "items.csv",
+    "maps",
     "global",
     "figures",
     "evaluation.json",
@@ -480,13 +482,12 @@ class RunStore:
                     return data["mean"]
         return None
 
-    def first_affine(self) -> np.ndarray | None:
-        """The affine of the first explained image (None when it has none)."""
+    def affines(self) -> Iterator[tuple[int, str, np.ndarray]]:
+        """``(index, path, affine (4, 4))`` of every selected explained image, in chunk
+        order (the affine is NaN when the image had none)."""
         for chunk in self.iter_chunks(maps=False):
-            if len(chunk):
-                affine = chunk.affine[int(np.argmin(chunk.index))]
-                return None if not np.isfinite(affine).all() else affine
-        return None
+            for j in range(len(chunk)):
+                yield int(chunk.index[j]), str(chunk.path[j]), np.asarray(chunk.affine[j])
 
     def count(self) -> int:
         return sum(len(c) for c in self.iter_chunks(maps=False))
