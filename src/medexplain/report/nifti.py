@@ -35,4 +35,4 @@ def nifti_bytes(
     image.set_sform(affine, code=int(codes.sform_code))
     image.set_qform(affine, code=int(codes.qform_code))
     image.header.set_xyzt_units(codes.xyz_units, codes.t_units)
-    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
