@@ -327,3 +327,15 @@ def test_dicom_like_grid_without_header_gets_scanner_codes():
     np.testing.assert_allclose(image.affine, affine)
     assert int(image.header["sform_code"]) == 1 and int(image.header["qform_code"]) == 1
     np.testing.assert_array_equal(image.get_fdata(), volume)
+
+
+def test_map_names_are_ascii_unique_and_recognised_as_medexplain_s_own():
+    from medexplain.runs.nifti_maps import _OWN, map_file_name
+
+    keys = ["0f" * 16, "a1" * 16, "/old/run keyed by path/é.nii.gz"]
+    names = [map_file_name(7, f"/data/{d}/sub jé 01.nii.gz", k) for d, k in zip("abc", keys)]
+    assert len(set(names)) == 3
+    for name in names:
+        assert name.isascii() and "/" not in name and " " not in name
+        assert name.startswith("000007_sub_je_01_") and _OWN.match(name)
+    assert not _OWN.match("sub-01_T1w.nii.gz")  # a user's file is never taken for a map

@@ -20,6 +20,7 @@ removes its own files of images the run no longer selects (their maps stay in th
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -81,8 +82,12 @@ def _stem(path: str) -> str:
 
 
 def map_file_name(index: int, path: str, key: str) -> str:
-    """``<row:06d>_<ascii stem>_<key[:8]>.nii.gz`` (module docstring)."""
-    return f"{int(index):06d}_{_stem(path)}_{str(key)[:8]}.nii.gz"
+    """``<row:06d>_<ascii stem>_<key[:8]>.nii.gz`` (module docstring); a key that is not
+    hexadecimal (chunks of old runs keyed by path) is hashed first."""
+    key = str(key)
+    if not re.fullmatch(r"[0-9a-f]{8,}", key):
+        key = hashlib.blake2b(key.encode("utf-8"), digest_size=4).hexdigest()
+    return f"{int(index):06d}_{_stem(path)}_{key[:8]}.nii.gz"
 
 
 def _lr_axis(path: str, header, dims: int) -> int:
