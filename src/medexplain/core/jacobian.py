@@ -45,9 +45,25 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
     """
     grad = displacement_gradient(displacement.to(torch.float64))
     dims = grad.shape[-1]
-    eye = torch.eye(dims, dtype=grad.dtype, device=grad.device)
-    det = torch.linalg.det(grad + eye)
-    return det.unsqueeze(1).to(displacement.dtype)
+    m = grad + torch.eye(dims, dtype=grad.dtype, device=grad.device)
+    return _small_det(m).unsqueeze(1).to(displacement.dtype)
+
+
+def _small_det(m: torch.Tensor) -> torch.Tensor:
+    """Determinants of ``(..., d, d)`` matrices, ``d`` in 1..3, by cofactor expansion: the
+    same values as ``torch.linalg.det`` but without its LU factorisation per voxel, whose
+    backward pass is slow over a whole volume of 3 x 3 matrices."""
+    dims = m.shape[-1]
+    if dims == 1:
+        return m[..., 0, 0]
+    if dims == 2:
+        return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
+    minors = [
+        m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1],
+        m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0],
+        m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0],
+    ]
+    return m[..., 0, 0] * minors[0] - m[..., 0, 1] * minors[1] + m[..., 0, 2] * minors[2]
 
 
 def log_jacobian(displacement: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
