@@ -302,7 +302,11 @@ def test_bad_parameters_are_clear_errors():
     with pytest.raises(ValueError, match="window_fraction"):
         create("occlusion", model, window_fraction=0)
     with pytest.raises(TypeError, match="layer must be"):
-        create("gradcam", model, layer=3)
+        create("gradcam", model, layer=3.5)
+    with pytest.raises(TypeError, match="layer must be.*convolutions: 0, 3"):
+        create("gradcam", model, layer=12)
+    # ``--param layer=3`` arrives as a number: index 3 of the Sequential, its second conv
+    assert create("gradcam", model, layer=3).layer is model[3]
 
 
 def test_given_targets_a_one_pass_method_runs_no_extra_full_batch_forward():

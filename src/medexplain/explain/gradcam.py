@@ -11,10 +11,62 @@ from captum.attr import LayerGradCam
 from torch import nn
 
 from ..core.spatial import conv, resize, spatial_dims_of
-from .base import Explainer, register
+from .base import Explainer, NeedsGradientsError, register
 from .gradients import _map_chunks
 
-__all__ = ["GradCAM", "find_gradcam_layer"]
+__all__ = ["GradCAM", "NeedsHooksError", "conv_layer_names", "find_gradcam_layer"]
+
+_CONVS = ("Conv1d", "Conv2d", "Conv3d")
+
+
+class NeedsHooksError(NeedsGradientsError):
+    """Grad-CAM was asked for a TorchScript model: it reads a layer's activations through a
+    forward hook, which compiled modules do not accept. Handled like
+    :class:`NeedsGradientsError`: the method cannot run on this kind of model."""
+
+
+def _kind(module: nn.Module) -> str:
+    """The class name of ``module``; for a TorchScript submodule, that of the module it was
+    compiled from (``Conv2d``...)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return str(getattr(module, "original_name", type(module).__name__))
+    return type(module).__name__
+
+
+def conv_layer_names(model: nn.Module) -> list[str]:
+    """Dotted names of the model's convolutions (``nn.ConvNd`` or TorchScript submodules
+    compiled from one), in definition order: the values ``layer=`` accepts (relative to the
+    network when ``model`` wraps one network, as :class:`~medexplain.models.external.LoadedModel`
+    does)."""
+    children = [name for name, _ in model.named_children()]
+    strip = len(children[0]) + 1 if len(children) == 1 else 0  # a wrapper's one network
+    return [
+        name[strip:]
+        for name, module in model.named_modules()
+        if name and (isinstance(module, nn.modules.conv._ConvNd) or _kind(module) in _CONVS)
+    ]
+
+
+def _choices(model: nn.Module) -> str:
+    names = conv_layer_names(model)
+    if not names:
+        return "the model has no convolution; name another module with layer=NAME"
+    more = f" (and {len(names) - 8} more)" if len(names) > 8 else ""
+    return "its convolutions: " + ", ".join(names[-8:]) + more
+
+
+def _check_not_scripted(model: nn.Module) -> None:
+    """NeedsHooksError when ``model`` is or holds a TorchScript module."""
+    if not any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        return
+    names = conv_layer_names(model)
+    last = f" (its last convolution is {names[-1]!r})" if names else ""
+    raise NeedsHooksError(
+        "gradcam reads a layer's activations through a forward hook, which a TorchScript "
+        f"model does not accept{last}; use a method without hooks (integrated_gradients, "
+        "saliency, smoothgrad, occlusion), or load the weights as a state dict with "
+        "--model-factory to use gradcam"
+    )
 
 
 def find_gradcam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -34,8 +86,8 @@ def find_gradcam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
     candidates = [m for m in model.modules() if isinstance(m, conv_type)]
     if not candidates:
         raise ValueError(
-            f"gradcam found no {conv_type.__name__} in the model; "
-            "pass layer= (a module of the model or its dotted name)"
+            f"gradcam found no {conv_type.__name__} in the model; pass layer=NAME "
+            f"(a module of the model or its dotted name): {_choices(model)}"
         )
     handles = [m.register_forward_hook(record) for m in candidates]
     try:
@@ -86,24 +138,41 @@ class GradCAM(Explainer):
         seed: int = 0,
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
+        _check_not_scripted(self.model)
         self.layer = self._resolve_layer(layer)
         self._found_layers: dict[tuple[int, ...], nn.Module] = {}  # input shape -> layer
         self.relu = bool(relu)
         self.signed = not self.relu
 
-    def _resolve_layer(self, layer: nn.Module | str | None) -> nn.Module | None:
+    def _resolve_layer(self, layer: nn.Module | str | int | None) -> nn.Module | None:
         if layer is None:
             return None
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            layer = str(layer)  # ``--param layer=2`` reads as a number: a Sequential's index
+            if not any(name.split(".")[-1] == layer for name, _ in self.model.named_modules()):
+                raise TypeError(
+                    f"layer must be an nn.Module, a dotted name or None, got {layer}; "
+                    f"{_choices(self.model)}"
+                )
         if isinstance(layer, str):
-            try:
-                return self.model.get_submodule(layer)
-            except AttributeError as error:
-                raise ValueError(f"layer {layer!r} is not a submodule of the model") from error
+            return self._named_layer(layer)
         if isinstance(layer, nn.Module):
             if not any(m is layer for m in self.model.modules()):
                 raise ValueError("layer must be a module of the model being explained")
             return layer
         raise TypeError(f"layer must be an nn.Module, a dotted name or None, got {layer!r}")
+
+    def _named_layer(self, name: str) -> nn.Module:
+        """The submodule called ``name``, or the one whose dotted name ends with ``.name``
+        (a name inside a wrapped network, e.g. ``features.3`` for ``net.features.3``)."""
+        modules = dict(self.model.named_modules())
+        if name in modules and name:
+            return modules[name]
+        found = [m for key, m in modules.items() if key.endswith("." + name)]
+        if len(found) == 1:
+            return found[0]
+        what = "names several submodules" if found else "is not a submodule of the model"
+        raise ValueError(f"layer {name!r} {what}; {_choices(self.model)}")
 
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         layer = self.layer
