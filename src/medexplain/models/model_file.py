@@ -3,7 +3,9 @@
 - TorchScript (a zip archive with ``constants.pkl`` or ``code/``): :func:`load_torchscript`;
 - a state dict, or a dict with a ``"state_dict"`` entry, for the network a factory builds:
   :func:`build_with_factory`;
-- a medexplain checkpoint (a dict with ``"format"``): :func:`load_medexplain_checkpoint`.
+- a medexplain checkpoint (a dict with ``"format"``): :func:`load_medexplain_checkpoint`;
+- an ONNX model (the ``.onnx`` suffix or an ONNX protobuf), run by ONNX Runtime, forward
+  only: :func:`medexplain.models.onnx_model.load_onnx`.
 
 Files are read with ``torch.load(..., weights_only=True)``: pickled Python objects (a whole
 model saved with ``torch.save(model)``) are refused, never unpickled.
@@ -25,6 +27,7 @@ from torch import nn
 from ..core.errors import typed_line
 from .factory import import_factory
 from .model_config import ModelError
+from .onnx_model import is_onnx, load_onnx
 
 
 def is_torchscript(path: Path) -> bool:
@@ -45,7 +48,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: What ``torch.save`` writes: a zip archive, or (before torch 1.6) a pickle whose first
+#: object is torch's magic number.
+_LEGACY_TORCH_SAVE = b"\x80\x02\x8a\x0a"
+KINDS = "a TorchScript file, state dict, medexplain checkpoint or ONNX model"
+
+
 def _torch_load(path: Path) -> Any:
+    with open(path, "rb") as handle:
+        head = handle.read(len(_LEGACY_TORCH_SAVE))
+    if not zipfile.is_zipfile(path) and head != _LEGACY_TORCH_SAVE:
+        what = "an unknown format" if head else "the file is empty"
+        raise ModelError(f"cannot read {path}: not {KINDS} ({what})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -55,10 +69,7 @@ def _torch_load(path: Path) -> Any:
             "code; save model.state_dict() and pass a factory, or save a TorchScript file"
         ) from error
     except Exception as error:
-        raise ModelError(
-            f"cannot read {path}: not a TorchScript file, state dict or medexplain checkpoint "
-            f"({typed_line(error)})"
-        ) from error
+        raise ModelError(f"cannot read {path}: not {KINDS} ({typed_line(error)})") from error
 
 
 def _state_dict_of(data: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -110,7 +121,14 @@ def open_network(
 ) -> tuple[nn.Module, str, Any]:
     """The network in ``path`` (None: built by ``factory`` alone), as
     ``(net, kind, class names the file stores or None)``; ``kind`` is ``"torchscript"``,
-    ``"factory"``, ``"state_dict"`` or ``"medexplain-checkpoint"``."""
+    ``"onnx"``, ``"factory"``, ``"state_dict"`` or ``"medexplain-checkpoint"``."""
+    if path is not None and not is_torchscript(path) and is_onnx(path):
+        if factory is not None:
+            raise ModelError(
+                f"{path} is an ONNX model, which carries its own architecture; do not pass a "
+                f"factory ({factory})"
+            )
+        return load_onnx(path), "onnx", None
     if path is not None and is_torchscript(path):
         if factory is not None:
             raise ModelError(
