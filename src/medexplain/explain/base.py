@@ -29,9 +29,12 @@ from ..core.spatial import spatial_dims_of
 __all__ = [
     "Explainer",
     "ExplainerFactory",
+    "NeedsGradientsError",
     "available",
     "create",
     "explainer_class",
+    "forward_only",
+    "forward_only_methods",
     "register",
     "register_wrapper",
 ]
@@ -49,6 +52,9 @@ class Explainer(ABC):
     description: ClassVar[str] = ""
     #: False for methods whose map is unsigned by construction (masks, |x_s - x_a|).
     signed: ClassVar[bool] = True
+    #: False for methods that only run the model forward: the only ones :func:`create`
+    #: builds for a forward-only model (an ONNX model, see :func:`forward_only`).
+    needs_gradients: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, *, batch_size: int = 32, seed: int = 0) -> None:
         if not isinstance(model, nn.Module):
@@ -116,6 +122,35 @@ class Explainer(ABC):
 
 ExplainerFactory = Callable[..., Explainer]
 
+
+class NeedsGradientsError(ValueError):
+    """An explainer that needs gradients was asked for a model that runs forward only."""
+
+
+def forward_only(model: nn.Module) -> str | None:
+    """What makes ``model`` forward-only (e.g. ``"the ONNX model net.onnx"``): a submodule
+    with a true ``forward_only`` attribute; None when gradients flow through the model."""
+    for module in model.modules():
+        if getattr(module, "forward_only", False):
+            return str(getattr(module, "forward_only_name", type(module).__name__))
+    return None
+
+
+def forward_only_methods() -> list[str]:
+    """Registered methods that run the model forward only (no gradients), sorted."""
+    return sorted(name for name, cls in _REGISTRY.items() if not cls.needs_gradients)
+
+
+def _check_gradients(name: str, cls: type[Explainer], model: nn.Module) -> None:
+    if not cls.needs_gradients or not isinstance(model, nn.Module):
+        return
+    reason = forward_only(model)
+    if reason is not None:
+        raise NeedsGradientsError(
+            f"{name} needs the model's gradients, but {reason} runs forward only; use a "
+            f"forward-only method: {', '.join(forward_only_methods())}"
+        )
+
 _REGISTRY: dict[str, type[Explainer]] = {}
 _WRAPPERS: dict[str, Callable[..., Explainer]] = {}
 
@@ -150,6 +185,8 @@ def create(name: str, model: nn.Module, **params: Any) -> Explainer:
     """Build the explainer registered as ``name`` for ``model`` with the given parameters.
 
     ``name`` may be ``"wrapper:inner"`` (e.g. ``"augmented:integrated_gradients"``).
+    A method that needs gradients is refused for a forward-only model (an ONNX model) with
+    :class:`NeedsGradientsError` naming the forward-only methods.
     """
     if ":" in name:
         prefix, inner = name.split(":", 1)
@@ -158,6 +195,7 @@ def create(name: str, model: nn.Module, **params: Any) -> Explainer:
         return _WRAPPERS[prefix](inner, model, **params)
     if name not in _REGISTRY:
         raise KeyError(f"unknown explainer {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    _check_gradients(name, _REGISTRY[name], model)
     return _REGISTRY[name](model, **params)
 
 

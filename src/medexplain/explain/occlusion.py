@@ -63,6 +63,7 @@ class OcclusionExplainer(Explainer):
     """
 
     signed = True
+    needs_gradients = False
 
     def __init__(
         self,

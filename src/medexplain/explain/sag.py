@@ -57,7 +57,7 @@ from ..core.model import model_guard
 from ..core.perturb import apply_mask, check_baseline, make_baseline
 from ..core.scores import as_targets, check_activation, check_targets, class_score
 from ..core.spatial import adaptive_avg_pool, spatial_dims_of
-from .base import Explainer, register
+from .base import Explainer, forward_only, register
 from .sag_graph import (
     PatchSet,
     SAGResult,
@@ -138,7 +138,8 @@ class StructuredAttentionGraph(Explainer):
     - ``child_threshold`` (0.4), ``max_shown`` (3 roots grow the graph), ``max_overlap``
       (1 patch, the diverse-subset rule), ``max_nodes`` (ours: 200, bounds the graph);
     - ``heuristic_iterations`` (2 I-GOS iterations), ``heuristic_steps`` (I-GOS
-      integration steps, its default 20);
+      integration steps, its default 20); a forward-only model (ONNX) gets the
+      :meth:`occlusion_heuristic` instead;
     - ``batched``: score all successors of a step in chunks of ``batch_size`` (True) or one
       image per forward pass (False, same result, for benchmarks); ``batch_size`` (ours:
       16, where a small CNN's forward pass is cheapest per image on a CPU, measured in
@@ -151,6 +152,7 @@ class StructuredAttentionGraph(Explainer):
     """
 
     signed: ClassVar[bool] = False
+    needs_gradients: ClassVar[bool] = False  # forward passes only with a forward-only model
 
     def __init__(
         self,
@@ -232,8 +234,12 @@ class StructuredAttentionGraph(Explainer):
         self, x: torch.Tensor, target: int, grid: tuple[int, ...]
     ) -> tuple[torch.Tensor, dict[str, int]]:
         """I-GOS heuristic per patch ``(g**d,)`` (higher = more important) for ``x``
-        ``(1, C, *S)``, and the I-GOS pass counts."""
+        ``(1, C, *S)``, and the I-GOS pass counts; for a forward-only model (ONNX), which
+        gives I-GOS no gradients, :meth:`occlusion_heuristic` instead."""
         from .igos import IGOS
+
+        if forward_only(self.model) is not None:
+            return self.occlusion_heuristic(x, target, grid)
 
         size = tuple(min(max(g, _IGOS_MIN_SIZE), n) for g, n in zip(grid, x.shape[2:]))
         if min(size) < _IGOS_MIN_SIZE:  # image smaller than I-GOS' smallest mask: no heuristic
@@ -259,6 +265,26 @@ class StructuredAttentionGraph(Explainer):
             "heuristic_backward": igos.passes.images("backward"),
         }
         return importance.flatten().cpu(), passes
+
+    @torch.no_grad()
+    def occlusion_heuristic(
+        self, x: torch.Tensor, target: int, grid: tuple[int, ...]
+    ) -> tuple[torch.Tensor, dict[str, int]]:
+        """Forward-only heuristic (ours, for models without gradients): per patch ``j``,
+        ``f_c(x) - f_c(phi(x, b, all patches but j))``, the score lost when ``j`` alone shows
+        the baseline; ``(g**d,)`` and the pass count, forward passes in chunks of
+        ``batch_size``."""
+        n = int(torch.tensor(grid).prod())
+        cells = 1.0 - torch.eye(n, device=x.device, dtype=x.dtype)
+        masks = upsample_cells(cells, grid, x.shape[2:])
+        baseline = make_baseline(x, self.baseline, self.mean_image)
+        shape = (n, *x.shape[1:])
+        hidden = apply_mask(x.expand(shape), baseline.expand(shape), masks)
+        targets = torch.full((n + 1,), int(target), dtype=torch.long, device=x.device)
+        scores = class_score(
+            self.model, torch.cat([x, hidden]), targets, self.activation, self.batch_size
+        )
+        return (scores[0] - scores[1:]).cpu(), {"heuristic_forward": n + 1}
 
     # --------------------------------------------------------------- the method
     def explain_image(self, x: torch.Tensor, target: int | torch.Tensor | None = None) -> SAGResult:
