@@ -7,7 +7,7 @@ Importing this package registers every built-in method.
 """
 
 from ..core.model import model_guard
-from . import augment, gradcam, gradients, igos, occlusion, sag  # noqa: F401  (registration)
+from . import augment, gradcam, gradients, igos, occlusion, rise, sag  # noqa: F401
 from .base import (
     Explainer,
     available,
