@@ -1,13 +1,15 @@
 """Load the user's own classifier safely, with what its outputs mean and how it wants inputs.
 
-Three kinds of model file (:func:`load_model`):
+Four kinds of model file (:func:`load_model`):
 
 - a TorchScript file (``torch.jit.save`` of ``torch.jit.script``/``trace``): the
   architecture travels with the weights; no factory needed;
 - a state dict (``torch.save(model.state_dict(), path)``, or a dict with a ``"state_dict"``
   entry, as many training loops save) plus ``factory="module:function"`` that builds the
   network; weights are read with ``torch.load(..., weights_only=True)``;
-- a medexplain checkpoint (:mod:`medexplain.models.checkpoint`), which rebuilds itself.
+- a medexplain checkpoint (:mod:`medexplain.models.checkpoint`), which rebuilds itself;
+- an ONNX model (``.onnx``), run by ONNX Runtime (``medexplain[onnx]``), forward only
+  (:mod:`medexplain.models.onnx_model`).
 
 A pickled whole model (``torch.save(model, path)``) is refused and never unpickled:
 unpickling runs arbitrary code, and model files travel between hospitals.
@@ -17,6 +19,7 @@ which override it)::
 
     labels: [normal, pneumonia]      # output i is labels[i]
     activation: softmax              # softmax: one class per image; sigmoid: multi-label
+    outputs: logits                  # or probabilities / log_probabilities (activation inside)
     input:
       shape: [1, 224, 224]           # (C, H, W) or (C, D, H, W)
       mean: 0.5                      # scalar or one per channel
@@ -72,6 +75,7 @@ def load_model(
     config: str | os.PathLike | Mapping[str, Any] | None = None,
     labels: Sequence[str] | None = None,
     activation: str | None = None,
+    outputs: str | None = None,
     input_shape: Sequence[int] | None = None,
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
@@ -81,13 +85,14 @@ def load_model(
     """Load a classifier from outside medexplain (see the module docstring).
 
     Args:
-        model_path: TorchScript file, state-dict file or medexplain checkpoint; None builds
+        model_path: TorchScript file, state-dict file, medexplain checkpoint or ONNX model
+            (its static input shape is used when none is stated); None builds
             the network with ``factory`` alone (its own initial or built-in weights).
         factory: ``"module:function"`` (or ``"file.py:function"``) returning the
             ``nn.Module`` the state dict belongs to; called with ``factory_kwargs``.
         device: where to put the model (default CPU).
-        config: model YAML path or dict (``labels``, ``activation``, ``input``, ``factory``,
-            ``factory_kwargs``); keyword arguments override it.
+        config: model YAML path or dict (``labels``, ``activation``, ``outputs``, ``input``,
+            ``factory``, ``factory_kwargs``); keyword arguments override it.
         check: with an input shape stated, run :meth:`LoadedModel.validate` on a dummy
             batch (output count vs labels, finite logits).
 
@@ -102,6 +107,7 @@ def load_model(
         config,
         labels=labels,
         activation=activation,
+        outputs=outputs,
         input_shape=input_shape,
         mean=mean,
         std=std,
@@ -120,10 +126,13 @@ def load_model(
     if path is None and factory is None:
         raise ModelError("load_model needs a model file, a factory ('module:function'), or both")
     net, source["kind"], extra_labels = open_network(path, factory, kwargs, device)
+    if stated["input_shape"] is None and source["kind"] == "onnx":
+        stated["input_shape"] = net.input_shape  # the graph's static (C, *S), or None
     model = LoadedModel(
         net,
         labels=stated["labels"] if stated["labels"] is not None else extra_labels,
         activation=stated["activation"],
+        outputs=stated["outputs"],
         input_shape=stated["input_shape"],
         mean=stated["mean"],
         std=stated["std"],

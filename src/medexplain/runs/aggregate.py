@@ -83,14 +83,24 @@ def _group_key(by: str, name: str) -> tuple[str, ...]:
     return (by, *name.split("/"))
 
 
-def _default_by(store: RunStore, record: dict[str, Any]) -> str:
-    """``label`` when some explained image has a label, else ``prediction``."""
-    if record.get("multilabel"):
-        return "label"
-    for chunk in store.iter_chunks(maps=False):
-        if len(chunk) and bool((np.asarray(chunk.label) >= 0).any()):
-            return "label"
-    return "prediction"
+def _grouping(by: str | None, store: RunStore, record: dict[str, Any], log) -> str:
+    """``by`` for the run: None picks ``label`` when some explained image has a label, else
+    ``prediction`` (``log`` gets a notice); ``label`` and ``outcome`` on a run without labels
+    are a RunError."""
+    labelled = bool(record.get("multilabel")) or any(
+        len(chunk) and bool((np.asarray(chunk.label) >= 0).any())
+        for chunk in store.iter_chunks(maps=False)
+    )
+    if labelled:
+        return by or "label"
+    if by is None:
+        log(f"notice: the run {store.root} is unlabelled; global maps are grouped by prediction")
+        return "prediction"
+    if by != "prediction":
+        raise RunError(
+            f"--by {by} needs labels but the run {store.root} is unlabelled; use --by prediction"
+        )
+    return by
 
 
 def check_alpha(alpha: float) -> float:
@@ -145,7 +155,7 @@ def _write_nifti(path: Path, array: np.ndarray, grid: SharedGrid) -> None:
 def global_run(
     run: str | Path,
     *,
-    by: str | None = "label",
+    by: str | None = None,
     normalise: str = "max",
     transform: str = "abs",
     contrast: tuple[str, str] | None = None,
@@ -159,7 +169,8 @@ def global_run(
     maps of group A against B (``--by`` groups; an outcome group is named ``label/TP``),
     tested inside ``mask`` only (a NIfTI or ``.npy`` path on the maps' grid) with
     Benjamini-Hochberg FDR level ``alpha``. ``by`` None: ``label`` when the run has labels,
-    else ``prediction``. Options are checked before anything is written (RunError)."""
+    else ``prediction``; ``label`` or ``outcome`` without labels is refused. Options are
+    checked before anything is written (RunError)."""
     from ..report.figures import plot_global_maps
 
     if by is not None and by not in BY:
@@ -168,12 +179,17 @@ def global_run(
     if mask is not None and contrast is None:
         raise RunError("--mask restricts a contrast; give --contrast A:B with it")
     store, record = open_run(run)
-    by = _default_by(store, record) if by is None else by
+    by = _grouping(by, store, record, log)
     grid = shared_grid(store)
     spatial = tuple(record["spatial_shape"])
     inside = None if mask is None else load_mask(mask, spatial, grid)
     acc = accumulate(store, record, (by,), normalise, transform)
     result = acc.result()
+    for name in contrast or ():  # unknown groups are refused before anything is written
+        try:
+            result.group(_group_key(by, name))
+        except KeyError as error:
+            raise RunError(f"--contrast {contrast[0]}:{contrast[1]}: {error.args[0]}") from None
     directory = store.root / "global"
     if directory.exists():
         shutil.rmtree(directory)

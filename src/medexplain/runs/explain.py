@@ -12,13 +12,14 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..core.errors import one_line
 from ..core.model import model_guard
 from ..core.progress import progress_bar
 from ..core.scores import default_targets, predict_classes
 from ..data.files import ImageDataset
 from ..data.manifest import duplicate_rows, record_key
 from ..data.readers import DataError
-from ..models.external import LoadedModel
+from ..models.external import LoadedModel, ModelError
 from ..models.model_file import file_sha256
 from .chunk import Chunk
 from .errors import RunError
@@ -62,11 +63,16 @@ def _image_or_none(dataset: ImageDataset, row: int) -> np.ndarray | None:
 
 
 def _first_item(dataset: ImageDataset) -> dict[str, Any]:
+    first_error = None
     for i in range(len(dataset)):
-        item, _ = dataset.try_get(i)
+        item, error = dataset.try_get(i)
         if item is not None:
             return item
-    raise DataError(f"none of the {len(dataset)} images of {dataset.manifest.source} can be read")
+        first_error = first_error or error
+    raise DataError(
+        f"none of the {len(dataset)} images of {dataset.manifest.source} can be read; the "
+        f"first: {first_error}"
+    )
 
 
 def _explain_items(
@@ -202,14 +208,22 @@ def _prepare(settings: ExplainSettings, store: RunStore, log) -> _Prepared:
     settings.absolute().check()
     store.check_inputs(settings.inputs())
     model = open_model(settings)
-    dataset = open_data(settings, model)
+    dataset = open_data(settings, model, log)
     store.check_files(dataset.paths + [str(r.mask) for r in dataset.records if r.mask])
     first = _first_item(dataset)
     if model.labels is None or model.input_shape is None:
-        model.validate(first["image"][None])
+        try:
+            model.validate(first["image"][None])
+        except ModelError as error:  # e.g. a 4D NIfTI read as channels, a 3D scan, 2D model
+            shape = tuple(first["image"].shape)
+            raise ModelError(f"{first['path']} (read as {shape}): {one_line(error)}") from error
     outputs = len(model.labels)
-    if dataset.multilabel and settings.target == "label":
-        raise RunError("--target label needs single-label data; use 'predicted' or a class index")
+    if settings.target == "label" and (dataset.multilabel or not dataset.labelled):
+        kind = "multi-label" if dataset.labelled else "unlabelled"
+        raise RunError(
+            f"--target label needs single-label data but {settings.data} is {kind}; use "
+            "'predicted' or a class index"
+        )
     if settings.target not in TARGETS and not 0 <= int(settings.target) < outputs:
         raise RunError(f"--target {settings.target} is not a class index in [0, {outputs})")
     spatial = tuple(first["image"].shape[1:])

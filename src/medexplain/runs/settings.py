@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import torch
 
 from ..core.errors import one_line
 from ..data.files import ImageDataset, open_dataset
+from ..data.manifest import manifest_columns
 from ..explain import create
+from ..explain.base import NeedsGradientsError
 from ..models.external import LoadedModel, ModelError, load_model
 from ..models.fingerprint import ClassifierMismatchError
 from .errors import RunError
@@ -64,7 +67,9 @@ class ExplainSettings:
     ``limit`` and ``force`` do not change the maps (explainers are batch-invariant), so a
     run may resume with other values; every other field must match to resume. File paths
     are stored absolute. ``force`` accepts a learned explainer's checkpoint fitted for
-    another classifier.
+    another classifier. ``label_column`` names a CSV manifest's class column (None:
+    unlabelled data; the default ``"label"`` reads the data as unlabelled when the manifest
+    has no such column).
     """
 
     data: str
@@ -83,6 +88,7 @@ class ExplainSettings:
     chunk_size: int | None = None
     limit: int | None = None
     force: bool = False
+    label_column: str | None = "label"
     #: Per-image maps as NIfTI in RUN/maps/: None = for 3D images only (does not change maps).
     nifti_maps: bool | None = None
 
@@ -122,17 +128,30 @@ def open_model(settings: ExplainSettings) -> LoadedModel:
     )
 
 
-def open_data(settings: ExplainSettings, model: LoadedModel | None = None) -> ImageDataset:
-    """The run's dataset; shape and channels default to the model's stated input shape,
-    and the model's stated labels (two or more) fix the class order: the data's names are
-    mapped onto them, and a name the model does not know is a DataError naming it."""
+def open_data(
+    settings: ExplainSettings,
+    model: LoadedModel | None = None,
+    log: Callable[[str], Any] | None = None,
+) -> ImageDataset:
+    """The run's dataset, read as the model's class space.
+
+    Shape and channels default to the model's stated input shape. The model's stated labels
+    (two or more) fix the class order: the data may hold any subset of them, by name or by
+    index, and a name the model does not know is a DataError naming it. A CSV manifest
+    is read as multi-label when the model is a sigmoid model whose every label is a column
+    (0/1 each); as unlabelled when ``settings.label_column`` is None, or when it is the
+    default ``"label"`` and the manifest has no such column (``log`` gets a notice)."""
     shape, channels = settings.shape, settings.channels
     options: dict[str, Any] = {}
     if model is not None and model.input_shape is not None:
         shape = shape if shape is not None else tuple(model.input_shape[1:])
         channels = channels if channels is not None else model.input_shape[0]
-    if model is not None and model.labels is not None and len(model.labels) > 1:
-        options["class_names"] = list(model.labels)
+    labels = None if model is None else model.labels
+    if labels is not None and len(labels) > 1:
+        options["class_names"] = list(labels)
+    source = Path(settings.data)
+    if source.is_file() and source.suffix.lower() in (".csv", ".tsv", ".txt"):
+        options.update(_label_options(settings, model, log))
     return open_dataset(
         settings.data,
         shape=None if shape is None else tuple(shape),
@@ -140,6 +159,31 @@ def open_data(settings: ExplainSettings, model: LoadedModel | None = None) -> Im
         normalise=settings.normalise,
         **options,
     )
+
+
+def _label_options(
+    settings: ExplainSettings, model: LoadedModel | None, log: Callable[[str], Any] | None
+) -> dict[str, Any]:
+    """How to read the labels of the run's CSV manifest (see :func:`open_data`)."""
+    columns = manifest_columns(settings.data)
+    labels = None if model is None else model.labels
+    if (
+        labels is not None
+        and len(labels) > 1
+        and model is not None
+        and model.activation == "sigmoid"
+        and all(name in columns for name in labels)
+    ):
+        return {"labels": list(labels), "class_names": None}
+    column = settings.label_column
+    if column == "label" and column not in columns:
+        if log is not None:
+            log(
+                f"notice: {settings.data} has no 'label' column (columns: {columns}); the data "
+                "is explained as unlabelled (name the class column with --label-column)"
+            )
+        column = None
+    return {"label_column": column}
 
 
 def make_explainer(settings: ExplainSettings, model: torch.nn.Module):
@@ -155,6 +199,8 @@ def make_explainer(settings: ExplainSettings, model: torch.nn.Module):
         raise RunError(str(error).strip("'\"")) from error
     except ClassifierMismatchError as error:
         raise RunError(f"--explainer-checkpoint: {error}") from error
+    except NeedsGradientsError as error:  # a gradient method for an ONNX model
+        raise RunError(f"--method {settings.method}: {one_line(error)}") from error
     except TypeError as error:
         raise RunError(f"--method {settings.method}: bad --param ({error})") from error
     except ValueError as error:
@@ -168,23 +214,31 @@ def make_explainer(settings: ExplainSettings, model: torch.nn.Module):
 
 
 def group_names(dataset: ImageDataset, model: LoadedModel, outputs: int) -> list[str]:
-    """Names of the groups: the model's labels when it states them (the dataset was read
-    in their order), else the dataset's classes (checked against the model's outputs)."""
-    if dataset.labelled:
-        names = dataset.class_names
-        if dataset.multilabel or outputs > 1:
-            if len(names) != outputs:
-                raise ModelError(
-                    f"the model returns {outputs} output(s) but the data {dataset.manifest.source}"
-                    f" has {len(names)} classes {names}; they must correspond one to one"
-                )
-        elif len(names) != 2:
+    """Names of the groups, one per model output: the model's labels when it states them
+    (the dataset was read in their order, and may hold any subset of them); else the
+    dataset's classes, when they are integer indices into the outputs or name each output.
+    A one-logit model names its two groups ``not <label>`` and ``<label>``."""
+    labels = model.labels or [str(i) for i in range(outputs)]
+    if not dataset.labelled:
+        return labels if outputs > 1 else [f"not {labels[0]}", labels[0]]
+    names = dataset.class_names
+    if outputs == 1 and not dataset.multilabel:
+        if len(names) != 2:
             raise ModelError(
                 f"a one-logit model separates 2 classes but the data has {len(names)} {names}"
             )
         return names
-    labels = model.labels or [str(i) for i in range(outputs)]
-    return labels if outputs > 1 else [f"not {labels[0]}", labels[0]]
+    if len(names) == outputs:
+        return names
+    indices = [str(i) for i in range(len(names))]
+    if not dataset.multilabel and names == indices and len(names) < outputs:
+        return labels  # integer labels: a subset of the outputs, by index
+    raise ModelError(
+        f"the model returns {outputs} output(s) but the data {dataset.manifest.source} has "
+        f"{len(names)} classes {names}; state the model's labels (one per output, in output "
+        "order) in a model config (--model-config) so the data's classes can be matched to "
+        "them, or label the data by output index"
+    )
 
 
 def settings_of(record: dict[str, Any], device: str | None = None) -> ExplainSettings:

@@ -7,7 +7,7 @@ Layout of a run folder ``RUN``::
     RUN/selection.npz        keys (and manifest rows) of the images the run covers now
     RUN/mean_image.npz       mean image of the selection (when chunks alone cannot give it)
     RUN/errors.csv           index, path, reason of every image that could not be explained
-    RUN/items.csv            index, path, label, prediction, target, logits of done images
+    RUN/items.csv            index, path, label, prediction, target, scores of done images
     RUN/maps/*.nii.gz        per-image maps as NIfTI (3D, or 2D when asked; nifti_maps.py)
     RUN/.lock                held (flock) while a process writes the run
 
@@ -414,7 +414,8 @@ class RunStore:
 
     def write_items_csv(self) -> Path:
         """``items.csv``: one row per selected explained image in manifest order (index,
-        path, label, prediction, target, logits separated by spaces, chunk), atomic."""
+        path, label, prediction, target, the model's scores separated by spaces in a column
+        named by what they are (``logits`` or ``log_probabilities``), chunk), atomic."""
         rows = []
         for chunk in self.iter_chunks(maps=False):
             for j in range(len(chunk)):
@@ -433,7 +434,8 @@ class RunStore:
                     )
                 )
         rows.sort(key=lambda row: row[0])
-        header = ["index", "path", "label", "prediction", "target", "logits", "chunk"]
+        score = self.record().get("model", {}).get("score", "logits")
+        header = ["index", "path", "label", "prediction", "target", score, "chunk"]
         return atomic_write_text(self.root / "items.csv", csv_text([header, *[r for _, r in rows]]))
 
     def _image_sums(self, reload=None) -> tuple[np.ndarray | None, int, bool]:
