@@ -6,8 +6,10 @@ are named; fixed-batch exports and static input shapes are handled."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
+import pickle
 import sys
 import warnings
 
@@ -55,11 +57,14 @@ class SquareNet(nn.Module):
         return torch.stack([8.0 * inside - 4.0, torch.zeros_like(inside)], dim=1)
 
 
-def export_onnx(net: nn.Module, path, batch: int | None = None) -> None:
+def export_onnx(
+    net: nn.Module, path, batch: int | None = None, example: torch.Tensor | None = None
+) -> None:
     """``torch.onnx.export`` with a dynamic batch (``batch=None``) or a fixed one: the
     TorchScript-based exporter (a few milliseconds), or the torch.export-based one (which
     needs onnxscript and a few seconds) where the former is gone."""
-    example = torch.rand(batch or 2, 1, SIZE, SIZE)
+    if example is None:
+        example = torch.rand(batch or 2, 1, SIZE, SIZE)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
@@ -76,10 +81,11 @@ def export_onnx(net: nn.Module, path, batch: int | None = None) -> None:
             )
 
 
-def export_torchscript(net: nn.Module, path) -> None:
+def export_torchscript(net: nn.Module, path, example: torch.Tensor | None = None) -> None:
+    example = torch.rand(2, 1, SIZE, SIZE) if example is None else example
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.trace(net.eval(), torch.rand(2, 1, SIZE, SIZE)).save(str(path))
+        torch.jit.trace(net.eval(), example).save(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +134,16 @@ def test_onnx_forward_equals_the_torch_network_dynamic_and_fixed_batch(files):
             out = model(x)
             assert out.dtype == torch.float32 and out.shape == (5, 2)
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_copy_of_an_onnx_model_opens_its_own_session(files):
+    model = load_model(files / "cnn.onnx")
+    x = images(2)
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    with torch.no_grad():
+        expected = model(x)
+        for other in copies:
+            assert torch.equal(other(x), expected)
 
 
 def test_onnx_fingerprint_follows_the_weights(files, tmp_path):
@@ -191,6 +207,27 @@ def test_occlusion_maps_of_onnx_and_torchscript_agree(files):
     torch.testing.assert_close(maps["cnn.onnx"], maps["cnn.pt"], atol=1e-5, rtol=0)
 
 
+def test_3d_occlusion_and_augmented_occlusion_of_onnx_and_torchscript_agree(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv3d(1, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+        nn.Linear(3, 2),
+    ).eval()  # fmt: skip
+    export_onnx(net, tmp_path / "net3d.onnx", example=torch.rand(2, 1, 8, 8, 8))
+    export_torchscript(net, tmp_path / "net3d.pt", example=torch.rand(2, 1, 8, 8, 8))
+    x = torch.rand((2, 1, 8, 8, 8), generator=torch.Generator().manual_seed(2))
+    for method, params in [
+        ("occlusion", {"window": 4, "stride": 2}),
+        ("augmented:occlusion", {"n": 2, "window": 4, "stride": 2}),
+    ]:
+        maps = [
+            create(method, load_model(tmp_path / name), **params)(x, 0)
+            for name in ("net3d.onnx", "net3d.pt")
+        ]
+        assert maps[1].abs().max() > 1e-4
+        torch.testing.assert_close(maps[0], maps[1], atol=1e-5, rtol=0)
+
+
 def test_rise_heat_falls_on_the_square_the_network_reads(files):
     model = load_model(files / "square.onnx")
     x = torch.ones(2, 1, SIZE, SIZE)
@@ -219,8 +256,8 @@ def test_gradient_methods_are_refused_for_onnx_in_one_line(files, method):
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{inner} needs the model's gradients")
     assert "cnn.onnx runs forward only" in message and "occlusion, rise, sag" in message
-    # the same methods are built for the TorchScript export of the same network
-    create(method, load_model(files / "cnn.pt"))
+    # the same methods are built for the same network in PyTorch
+    create(method, SmallCNN())
 
 
 # ---------------------------------------------------------------- command line

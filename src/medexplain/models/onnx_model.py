@@ -133,6 +133,13 @@ class OnnxNetwork(nn.Module):
             "weights_sha256", torch.tensor(list(_weights_digest(self.path)), dtype=torch.uint8)
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles hold the file, not the sessions (which cannot be copied); the
+        copy opens its own session on first use."""
+        state = self.__dict__.copy()
+        state["_sessions"] = {}
+        return state
+
     @property
     def forward_only_name(self) -> str:
         """How errors name this model when refusing a gradient method."""
@@ -148,10 +155,9 @@ class OnnxNetwork(nn.Module):
             ort = _onnxruntime(self.path)
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 provider = "CUDAExecutionProvider"
-        if provider not in self._sessions:
-            self._sessions[provider] = _open_session(
-                self.path, [provider, "CPUExecutionProvider"], self._threads
-            )
+        if provider not in self._sessions:  # also the CPU session of a copy
+            providers = list(dict.fromkeys([provider, "CPUExecutionProvider"]))
+            self._sessions[provider] = _open_session(self.path, providers, self._threads)
         return self._sessions[provider]
 
     def _check_input(self, x: torch.Tensor) -> None:
