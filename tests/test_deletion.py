@@ -155,3 +155,49 @@ def test_model_left_as_found_and_errors():
         deletion_insertion(model, x, 5, torch.rand(2, 1, 4, 4))
     with pytest.raises(ValueError, match="step_fraction"):
         deletion_insertion(model, x, 1, torch.rand(2, 1, 4, 4), step_fraction=1.5)
+
+
+class _SquareReader(nn.Module):
+    """Logit: the mean inside the square rows/cols 8..15 of a 32 x 32 image plus a weak ramp
+    over rows, so that the order in which a constant region is deleted matters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        square = torch.zeros(32, 32)
+        square[8:16, 8:16] = 1.0
+        self.register_buffer("square", square)
+        self.register_buffer("ramp", torch.linspace(0, 1, 32).view(32, 1).repeat(1, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = (x[:, 0] * self.square).sum((1, 2)) / 64 + 0.3 * (x[:, 0] * self.ramp).mean((1, 2))
+        return torch.stack([4 * score, -4 * score], 1)
+
+
+def test_ties_of_an_igos_map_no_longer_sweep_in_raster_order():
+    from medexplain.explain import create
+    from medexplain.metrics.deletion import TIED_FRACTION, tied_fraction
+
+    model = _SquareReader().eval()
+    x = 0.5 + 0.1 * torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    x[:, :, 8:16, 8:16] += 0.5
+    maps = create("igos", model, size=8, iterations=10)(x, torch.tensor([0, 0]))
+    assert float((maps == 0).double().mean()) > 0.3  # a large region where the mask stayed 1
+    assert bool((tied_fraction(maps) > TIED_FRACTION).all())
+    first, second = (
+        deletion_insertion(model, x, 0, maps, baseline="zero", tie_seed=seed) for seed in (0, 100)
+    )
+    for name in ("deletion_auc", "insertion_auc"):
+        assert torch.allclose(getattr(first, name), getattr(second, name), atol=0.01), name
+    # the raster order the curves used to take sweeps the zero region from the top down: the
+    # ramp makes that order read as a clearly different deletion curve
+    flat = maps.flatten(1)
+    raster = torch.argsort(torch.argsort(-flat, dim=1, stable=True), dim=1).view_as(maps)
+    by_raster = deletion_insertion(model, x, 0, -raster.double(), baseline="zero", tie_seeds=1)
+    assert float((by_raster.deletion_auc - first.deletion_auc).abs().min()) > 0.03
+
+
+def test_tied_fraction_by_hand():
+    from medexplain.metrics.deletion import tied_fraction
+
+    maps = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[0.0, 0.0], [0.0, 5.0]]]])
+    assert tied_fraction(maps).tolist() == [0.0, 0.75]

@@ -127,3 +127,33 @@ def test_bad_inputs():
         auroc(maps, masks.float() * 2)
     with pytest.raises(ValueError, match="tolerance"):
         pointing_game(maps, masks, tolerance=-1)
+
+
+def test_iou_curve_and_its_mean_by_hand():
+    from medexplain.metrics.localization import iou_curve, iou_percentile
+
+    maps = torch.tensor([[[[4.0, 3.0], [2.0, 1.0]]]])
+    masks = torch.tensor([[[[True, True], [False, False]]]])
+    curve = iou_curve(maps, masks)[0]
+    # q = 1..24 keeps all 4 pixels (IoU 2/4); 25..49 the top 3 (2/3); 50..74 the top 2 (1);
+    # 75..99 the top pixel (1/2)
+    expected = [0.5] * 24 + [2 / 3] * 25 + [1.0] * 25 + [0.5] * 25
+    assert curve.tolist() == pytest.approx(expected)
+    assert float(iou_percentile(maps, masks)[0]) == pytest.approx(sum(expected) / 99)
+    assert math.isnan(float(iou_percentile(maps, torch.zeros_like(masks))[0]))
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 9, 7), (2, 1, 5, 6, 4)])
+def test_ncc_is_pearsons_correlation_with_the_mask(shape):
+    from medexplain.metrics.localization import ncc
+
+    generator = torch.Generator().manual_seed(4)
+    maps = torch.randn(shape, generator=generator)
+    masks = torch.rand(shape, generator=generator) > 0.6
+    got = ncc(maps, masks)
+    for i in range(shape[0]):
+        r = stats.pearsonr(maps[i].flatten().numpy(), masks[i].flatten().numpy().astype(float))
+        assert float(got[i]) == pytest.approx(r.statistic, abs=1e-9)
+    constant = torch.full(shape, 0.3)
+    assert torch.isnan(ncc(constant, masks)).all()
+    assert torch.isnan(ncc(maps, torch.ones(shape, dtype=torch.bool))).all()

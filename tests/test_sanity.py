@@ -130,3 +130,26 @@ def test_block_granularity_explicit_layers_and_maps():
         cascading_randomization(
             model, x, None, make_explainer=lambda m: Gradient(m), layers=["nope"]
         )
+
+
+def test_a_map_that_goes_flat_is_degenerate_not_uncorrelated():
+    model = _net(2)
+    x = torch.rand(3, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    trained = dict(model.named_parameters())["5.weight"].detach().clone()
+
+    def flat_once_randomised(m):
+        """The image while the head keeps its trained weights, a constant map after: an
+        explainer that collapses instead of decorrelating."""
+        intact = torch.equal(dict(m.named_parameters())["5.weight"], trained)
+        return lambda images, targets: images if intact else torch.full_like(images, 0.5)
+
+    result = cascading_randomization(model, x, None, make_explainer=flat_once_randomised)
+    # spearman() alone would call the flat maps uncorrelated (rho = 0): a pass
+    assert torch.isnan(result.correlation).all()
+    assert result.degenerate.all() and result.degenerate_fraction == 1.0
+    assert np.isnan(result.rank_correlation_fully_randomized)
+    assert result.to_dict()["degenerate_fraction"] == 1.0
+    image_itself = cascading_randomization(
+        model, x, None, make_explainer=lambda m: lambda images, targets: images
+    )
+    assert image_itself.degenerate_fraction == 0.0 and not image_itself.degenerate.any()

@@ -25,7 +25,9 @@ def evaluate_methods(state: DemoState) -> DemoState:
         with state.timed_method(name) as outcome:
             maps, metrics = outcome.explained.maps, outcome.metrics
             evidence = state.explain_set.evidence[: len(maps)]
-            metrics["localization_auroc"] = _imagewise_localization(maps, evidence)
+            scores = _imagewise_localization(maps, evidence)
+            metrics["localization_auroc"] = scores.get("auroc")
+            metrics["localization"] = scores
             metrics["global"] = _global_metrics(
                 outcome.global_result, state.bench, settings.shortcut_class
             )
@@ -102,22 +104,26 @@ def _sanity(state: DemoState, name: str, outcome: MethodOutcome) -> dict[str, An
     )
     entry["sanity"] = {
         "rank_correlation_fully_randomized": sanity.rank_correlation_fully_randomized,
+        "degenerate_fraction": sanity.degenerate_fraction,
         "mean_per_step": sanity.mean.tolist(),
         "steps": sanity.step_names,
     }
     return entry
 
 
-def _imagewise_localization(maps: torch.Tensor, evidence: torch.Tensor) -> float | None:
-    """Mean AUROC of the maps ``(N, 1, *S)`` against the evidence masks, over the images
-    that have evidence and a finite score; None if there are none."""
+def _imagewise_localization(maps: torch.Tensor, evidence: torch.Tensor) -> dict[str, float | None]:
+    """Each localization score (AUROC, pointing game, energy, IoU at the evidence area and
+    at every percentile, NCC) of the maps ``(N, 1, *S)`` against the evidence masks, as the
+    mean over the images that have evidence and a finite score; empty without evidence."""
     has_evidence = evidence.flatten(1).any(1)
     if not has_evidence.any():
-        return None
+        return {}
     scores = localization_scores(maps[has_evidence], evidence[has_evidence])
-    values = scores["auroc"]
-    values = values[torch.isfinite(values)]
-    return float(values.mean()) if len(values) else None
+    means: dict[str, float | None] = {}
+    for name, values in scores.items():
+        values = values[torch.isfinite(values)]
+        means[name] = float(values.mean()) if len(values) else None
+    return means
 
 
 def _global_metrics(result: GlobalResult, bench: DemoData, shortcut_class: int) -> dict[str, Any]:

@@ -26,8 +26,11 @@ from .deletion import DeletionInsertionResult, deletion_insertion, step_counts
 from .localization import (
     auroc,
     energy_inside,
+    iou_curve,
+    iou_percentile,
     iou_top,
     localization_scores,
+    ncc,
     pointing_game,
 )
 from .peppr import peppr, peppr_many
@@ -70,8 +73,11 @@ __all__ = [
     "deletion_insertion",
     "energy_inside",
     "evaluate_warp_simulator",
+    "iou_curve",
+    "iou_percentile",
     "iou_top",
     "localization_scores",
+    "ncc",
     "parameterised_layers",
     "peppr",
     "peppr_many",

@@ -30,6 +30,19 @@ from ..core.scores import as_targets, check_activation, check_targets, chunked, 
 from ..core.spatial import spatial_dims_of
 
 DIRECTIONS = {"deletion_auc": "lower", "insertion_auc": "higher"}
+#: Above this share of tied pixels in a map, the curves average several random tie orders.
+TIED_FRACTION = 0.05
+
+
+def tied_fraction(maps: torch.Tensor) -> torch.Tensor:
+    """Share of each map's pixels whose value equals another pixel's, ``(B,)`` for maps
+    ``(B, 1, *S)`` (0 when all values differ; near 1 for a map that is mostly one value)."""
+    flat = maps.flatten(1).sort(dim=1).values
+    equal = flat[:, 1:] == flat[:, :-1]
+    tied = torch.zeros_like(flat, dtype=torch.bool)
+    tied[:, 1:] |= equal
+    tied[:, :-1] |= equal
+    return tied.double().mean(dim=1)
 
 
 @dataclass
@@ -86,6 +99,8 @@ def deletion_insertion(
     step_fraction: float = 0.02,
     batch_size: int = 64,
     activation: str = "auto",
+    tie_seed: int = 0,
+    tie_seeds: int = 3,
 ) -> DeletionInsertionResult:
     """Deletion and insertion curves of ``maps`` ``(B, 1, *spatial)`` for images ``x``
     ``(B, C, *spatial)`` (2D or 3D) and the classes ``y`` they explain (int, ``(B,)`` ints
@@ -97,12 +112,21 @@ def deletion_insertion(
     ``f_c`` from :func:`medexplain.core.scores.probabilities` with ``activation``. All
     ``2 * B * (n_steps + 1)`` perturbed images go through the model in chunks of
     ``batch_size``, without gradients; the model is left as found.
+
+    Pixels of equal value are ordered at random (seeded by ``tie_seed``), not in raster
+    order: an I-GOS map that is exactly 0 wherever its mask stayed 1, or a piecewise constant
+    SAG map, would otherwise end its curves with a top-to-bottom sweep. When more than
+    ``TIED_FRACTION`` of some map's pixels tie, the curves are the mean over ``tie_seeds``
+    random orders (seeds ``tie_seed, tie_seed + 1, ...``), which multiplies the model calls
+    by ``tie_seeds``.
     """
     spatial_dims_of(x, "x")
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tie_seeds < 1:
+        raise ValueError(f"tie_seeds must be >= 1, got {tie_seeds}")
     check_activation(activation)
     maps = _as_maps(maps, x)
     device = model_device(model)
@@ -119,17 +143,25 @@ def deletion_insertion(
 
         targets = as_targets(y, n_images, device=device, logits=logits)
         fill = make_baseline(x, baseline, mean_image)
-        ranks = rank_pixels(maps.to(device))  # (B, 1, *spatial), 0 = most important
+        repeats = tie_seeds if bool((tied_fraction(maps) > TIED_FRACTION).any()) else 1
+        ranks = torch.stack(
+            [
+                rank_pixels(maps.to(device), torch.Generator().manual_seed(tie_seed + r))
+                for r in range(repeats)
+            ]
+        )  # (R, B, 1, *spatial), 0 = most important
         counts_dev = counts.to(device)
-        total = 2 * n_images * n_points  # items: (curve, image, point)
+        per_order = 2 * n_images * n_points  # items: (order, curve, image, point)
+        total = repeats * per_order
         scores = torch.empty(total, device=device)
         shape = (-1, *([1] * (x.dim() - 1)))
         for start in range(0, total, batch_size):
             item = torch.arange(start, min(start + batch_size, total), device=device)
-            curve = item // (n_images * n_points)  # 0 deletion, 1 insertion
+            order = item // per_order
+            curve = (item // (n_images * n_points)) % 2  # 0 deletion, 1 insertion
             image = (item // n_points) % n_images
             point = item % n_points
-            changed = (ranks[image] < counts_dev[point].view(shape)).to(x.dtype)
+            changed = (ranks[order, image] < counts_dev[point].view(shape)).to(x.dtype)
             # deletion keeps the image where nothing changed yet; insertion shows the image
             # only where pixels were changed (restored).
             keep = torch.where(curve.view(shape) == 0, 1 - changed, changed)
@@ -139,7 +171,7 @@ def deletion_insertion(
                 check_targets(targets, probs.shape[1])
             scores[item] = probs.gather(1, targets[image].view(-1, 1)).squeeze(1)
 
-    curves = scores.view(2, n_images, n_points).float().cpu()
+    curves = scores.view(repeats, 2, n_images, n_points).float().mean(0).cpu()
     fractions = counts.to(torch.float32) / n_pixels
     deletion, insertion = curves[0], curves[1]
     return DeletionInsertionResult(

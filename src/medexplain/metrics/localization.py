@@ -15,8 +15,15 @@ tensor. Conventions where the literature leaves a choice:
   inside the mask over the positive mass in the image. NaN when the map has no positive
   value.
 - ``iou_top``: IoU between the mask and the map's top-k pixels, k = the mask's area (ties
-  broken by position as :func:`medexplain.core.perturb.rank_pixels` does); Charachon et al.'s
-  "IoU with E thresholded to the ground-truth area". NaN when the mask is empty.
+  broken at random, seeded, by :func:`medexplain.core.perturb.rank_pixels`); Charachon et
+  al.'s "IoU with E thresholded to the ground-truth area". NaN when the mask is empty.
+- ``iou_percentile`` (Charachon et al. 2020, "IoU between the mask and E thresholded at every
+  percentile"): the mean over ``q = 1..99`` of the IoU between the mask and the map's top
+  ``100 - q`` % pixels (:func:`iou_curve` gives the curve; ties as for ``iou_top``). NaN when
+  the mask is empty.
+- ``ncc`` (Charachon et al. 2020, "normalised cross correlation"): the Pearson correlation
+  over pixels between the map and the 0/1 mask. NaN when the map is constant or the mask is
+  empty or full (no variance to correlate).
 
 Higher is better for every score (:data:`DIRECTIONS`).
 
@@ -28,13 +35,17 @@ model and read neither images nor labels, so they take ``(maps, masks)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core.perturb import rank_pixels
 from ..core.ranks import rank_auroc
 from ..core.spatial import max_pool, spatial_dims_of
 
-SCORES = ("auroc", "pointing_game", "energy_inside", "iou_top")
+SCORES = ("auroc", "pointing_game", "energy_inside", "iou_top", "iou_percentile", "ncc")
+#: Thresholds of :func:`iou_curve`: every percentile of the map from 1 to 99.
+PERCENTILES = tuple(range(1, 100))
 DIRECTIONS = dict.fromkeys(SCORES, "higher")
 
 
@@ -105,29 +116,83 @@ def energy_inside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     )
 
 
-def iou_top(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """IoU of the mask with the map's top-k pixels, k = mask area; ``(B,)``, NaN if empty."""
+def _top_iou(ranks: torch.Tensor, flat_mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """IoU of each mask ``(B, n)`` with the ``k`` ``(B, 1)`` best-ranked pixels; NaN where
+    the mask is empty."""
+    top = ranks < k
+    inter = (top & flat_mask).sum(dim=1).double()
+    union = (top | flat_mask).sum(dim=1).double()
+    empty = flat_mask.sum(dim=1) == 0
+    return torch.where(empty, torch.full_like(inter, float("nan")), inter / union.clamp_min(1))
+
+
+def _ranks(maps: torch.Tensor, tie_seed: int) -> torch.Tensor:
+    return rank_pixels(maps, torch.Generator().manual_seed(int(tie_seed))).flatten(1)
+
+
+def iou_top(maps: torch.Tensor, masks: torch.Tensor, tie_seed: int = 0) -> torch.Tensor:
+    """IoU of the mask with the map's top-k pixels, k = mask area; ``(B,)``, NaN if empty.
+    Ties are broken at random (seeded by ``tie_seed``)."""
     maps, masks = _check(maps, masks)
     flat_mask = masks.flatten(1)
     area = flat_mask.sum(dim=1, keepdim=True)
-    ranks = rank_pixels(maps).flatten(1)
-    top = ranks < area
-    inter = (top & flat_mask).sum(dim=1).double()
-    union = (top | flat_mask).sum(dim=1).double()
-    return torch.where(
-        area[:, 0] > 0, inter / union.clamp_min(1), torch.full_like(inter, float("nan"))
-    )
+    return _top_iou(_ranks(maps, tie_seed), flat_mask, area)
+
+
+def iou_curve(
+    maps: torch.Tensor,
+    masks: torch.Tensor,
+    percentiles: tuple[int, ...] = PERCENTILES,
+    tie_seed: int = 0,
+) -> torch.Tensor:
+    """IoU of the mask with the map thresholded at each percentile ``q``: the map's top
+    ``ceil((100 - q) / 100 * n)`` pixels of ``n``; ``(B, len(percentiles))`` float64, NaN
+    rows for empty masks. Ties are broken at random (seeded by ``tie_seed``)."""
+    maps, masks = _check(maps, masks)
+    if not percentiles or not all(0 <= float(q) <= 100 for q in percentiles):
+        raise ValueError(f"percentiles must lie in [0, 100], got {percentiles}")
+    flat_mask = masks.flatten(1)
+    ranks = _ranks(maps, tie_seed)
+    n = flat_mask.shape[1]
+    columns = []
+    for q in percentiles:
+        k = math.ceil((100 - float(q)) / 100 * n - 1e-9)
+        columns.append(_top_iou(ranks, flat_mask, torch.full_like(ranks[:, :1], k)))
+    return torch.stack(columns, dim=1)
+
+
+def iou_percentile(maps: torch.Tensor, masks: torch.Tensor, tie_seed: int = 0) -> torch.Tensor:
+    """Mean of :func:`iou_curve` over the percentiles 1..99; ``(B,)``, NaN for empty masks."""
+    return iou_curve(maps, masks, tie_seed=tie_seed).mean(dim=1)
+
+
+def ncc(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Normalised cross correlation (Pearson) of the map with the 0/1 mask over pixels;
+    ``(B,)``, NaN when the map is constant or the mask empty or full."""
+    maps, masks = _check(maps, masks)
+    e = maps.flatten(1).double()
+    m = masks.flatten(1).double()
+    e = e - e.mean(dim=1, keepdim=True)
+    m = m - m.mean(dim=1, keepdim=True)
+    norm = e.norm(dim=1) * m.norm(dim=1)
+    scale = maps.flatten(1).double().abs().amax(dim=1).clamp_min(1e-300)
+    flat = e.norm(dim=1) <= 1e-12 * scale * math.sqrt(e.shape[1])
+    degenerate = flat | (m.norm(dim=1) == 0)
+    value = (e * m).sum(dim=1) / norm.clamp_min(1e-300)
+    return torch.where(degenerate, torch.full_like(value, float("nan")), value)
 
 
 def localization_scores(
     maps: torch.Tensor, masks: torch.Tensor, tolerance: int = 0
 ) -> dict[str, torch.Tensor]:
-    """All localization scores: ``{"auroc", "pointing_game", "energy_inside", "iou_top"}``,
-    each a float64 ``(B,)`` tensor on the maps' device (see the module docstring for the
-    conventions and when a score is NaN). ``tolerance`` applies to the pointing game."""
+    """All localization scores (:data:`SCORES`), each a float64 ``(B,)`` tensor on the
+    maps' device (see the module docstring for the conventions and when a score is NaN).
+    ``tolerance`` applies to the pointing game."""
     return {
         "auroc": auroc(maps, masks),
         "pointing_game": pointing_game(maps, masks, tolerance),
         "energy_inside": energy_inside(maps, masks),
         "iou_top": iou_top(maps, masks),
+        "iou_percentile": iou_percentile(maps, masks),
+        "ncc": ncc(maps, masks),
     }

@@ -17,8 +17,8 @@ dataset mean image (natural for aligned data; "zero", "blur" or a tensor also wo
 grid has ``n_steps + 1 = 21`` points, and the summary is the trapezoid area over ``f``.
 
 Pixel ``k``-counts follow :func:`medexplain.core.perturb.top_fraction_mask`
-(``k = ceil(f * n)``), ranks follow :func:`medexplain.core.perturb.rank_pixels` (ties in the
-map are broken by flattened position, deterministically).
+(``k = ceil(f * n)``), ranks follow :func:`medexplain.core.perturb.rank_pixels` (equal
+values of the map in a random order with the fixed seed ``TIE_SEED``, not in raster order).
 
 Arguments follow the metrics' order ``(model, x, y, maps)``: ``maps`` is the global ranking
 (one map for every image, not one map per image). The result classes are in
@@ -383,6 +383,17 @@ def _check_labels(y: torch.Tensor, mode: str, k: int) -> None:
         raise ValueError(f"labels must be (N,) class indices in [0, {k})")
 
 
+#: Seed of the random order among equal values of a ranking map; apart from the random
+#: controls' seeds ``0..R-1`` so that ties are not ordered like one of the controls.
+TIE_SEED = 2**31 - 1
+
+
+def _tie_broken_ranks(ranking: torch.Tensor) -> torch.Tensor:
+    """Ranks ``(n,)`` of a ranking map, equal values in a seeded random order (not raster
+    order, which would sweep a constant region top to bottom)."""
+    return rank_pixels(ranking, torch.Generator().manual_seed(TIE_SEED)).view(-1)
+
+
 def _make_runs(
     ranking_map, label_maps, names, spatial, random_seeds, device
 ) -> list[tuple[str, int | None, torch.Tensor]]:
@@ -391,7 +402,7 @@ def _make_runs(
         pass  # random runs only
     elif label_maps is None:
         ranking = _check_ranking_map(ranking_map, spatial, "maps")
-        runs.append(("map", None, rank_pixels(ranking.to(device)).view(-1)))
+        runs.append(("map", None, _tie_broken_ranks(ranking.to(device))))
     else:
         if not label_maps:
             raise ValueError("maps dict is empty")
@@ -405,7 +416,7 @@ def _make_runs(
             else:
                 raise ValueError(f"maps key {key!r} is not a label index nor one of {names}")
             ranking = _check_ranking_map(value, spatial, f"maps[{key!r}]")
-            runs.append(("map", index, rank_pixels(ranking.to(device)).view(-1)))
+            runs.append(("map", index, _tie_broken_ranks(ranking.to(device))))
     n = math.prod(spatial)
     for seed in range(random_seeds):
         generator = torch.Generator().manual_seed(seed)

@@ -23,7 +23,10 @@ Choices (documented where the paper leaves freedom):
   every map explains the same class;
 - Spearman is computed on ``|map|`` by default (``absolute=True``; Adebayo et al. report
   both, absolute values being the usual choice for visualised maps) and on the signed maps;
-  both are returned. A map that became constant counts as correlation 0.
+  both are returned. A constant or near-constant map (range at most ``FLAT_TOLERANCE`` of
+  its largest magnitude) has no ranking to correlate: its correlation is NaN, not 0, and it
+  is counted as *degenerate* (``degenerate``); an explainer whose maps go flat does not
+  pass the check by reading as uncorrelated.
 
 Arguments follow the metrics' order ``(model, x, y, maps)``; the method under test comes
 as ``make_explainer``, any callable ``model -> (x, targets) -> maps``
@@ -46,6 +49,18 @@ from ..core.ranks import spearman
 from ..core.scores import as_targets
 
 GRANULARITIES = ("layer", "block")
+#: A map whose range is at most this fraction of its largest magnitude counts as flat.
+FLAT_TOLERANCE = 1e-6
+
+
+def flat_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Which maps ``(B, ...)`` are constant or near-constant (see ``FLAT_TOLERANCE``), ``(B,)``
+    bool; an all-zero map is flat."""
+    flat = maps.flatten(1).double()
+    spread = flat.amax(dim=1) - flat.amin(dim=1)
+    return spread <= FLAT_TOLERANCE * flat.abs().amax(dim=1)
+
+
 DIRECTIONS = {"rank_correlation_fully_randomized": "lower"}
 
 
@@ -67,7 +82,9 @@ class SanityResult:
 
     ``steps[i]`` lists the module names re-initialised at step ``i`` (cumulative: step ``i``
     has randomised ``steps[0] ... steps[i]``). ``correlation_abs`` / ``correlation_signed``
-    are float64 ``(L, B)`` (step, image); ``correlation`` is the one chosen by ``absolute``.
+    are float64 ``(L, B)`` (step, image), NaN where a map is flat; ``correlation`` is the one
+    chosen by ``absolute``. ``degenerate`` ``(L, B)`` bool marks a flat trained-model or
+    randomised map.
     ``maps`` (optional) is ``(L + 1, B, 1, *S)``: the original maps then one per step.
     """
 
@@ -77,6 +94,7 @@ class SanityResult:
     absolute: bool
     targets: torch.Tensor
     maps: torch.Tensor | None = None
+    degenerate: torch.Tensor | None = None
 
     @property
     def step_names(self) -> list[str]:
@@ -89,8 +107,17 @@ class SanityResult:
 
     @property
     def mean(self) -> torch.Tensor:
-        """Mean correlation over images per step ``(L,)``."""
-        return self.correlation.mean(dim=1)
+        """Mean correlation over the images with non-flat maps, per step ``(L,)`` (NaN
+        where every map is flat)."""
+        return self.correlation.nanmean(dim=1)
+
+    @property
+    def degenerate_fraction(self) -> float:
+        """Share of the images whose map is flat once every layer is randomised (or was
+        flat for the trained model): 0 for a healthy explainer; above 0 is a failure."""
+        if self.degenerate is None:
+            return 0.0
+        return float(self.degenerate[-1].double().mean())
 
     @property
     def rank_correlation_fully_randomized_per_image(self) -> torch.Tensor:
@@ -99,8 +126,9 @@ class SanityResult:
 
     @property
     def rank_correlation_fully_randomized(self) -> float:
-        """Mean over images of the correlation once every layer is randomised."""
-        return float(self.correlation[-1].mean())
+        """Mean over the images with non-flat maps of the correlation once every layer is
+        randomised (NaN when all are flat: see :attr:`degenerate_fraction`)."""
+        return float(self.correlation[-1].nanmean())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (no maps)."""
@@ -112,6 +140,7 @@ class SanityResult:
             "mean_abs": self.correlation_abs.mean(dim=1).tolist(),
             "mean_signed": self.correlation_signed.mean(dim=1).tolist(),
             "rank_correlation_fully_randomized": self.rank_correlation_fully_randomized,
+            "degenerate_fraction": self.degenerate_fraction,
         }
 
 
@@ -264,8 +293,10 @@ def cascading_randomization(
     else:
         original = maps.detach().to(device)
     flat_original = original.flatten(1)
+    original_flat = flat_maps(original)
     modules = dict(work.named_modules())
-    corr_abs, corr_signed, kept = [], [], [original.cpu()] if return_maps else []
+    corr_abs, corr_signed, degenerate = [], [], []
+    kept = [original.cpu()] if return_maps else []
     # single layers reset only their own parameters; blocks and named modules everything inside
     recurse = layers is not None or granularity == "block"
     for step, names in enumerate(steps):
@@ -273,8 +304,11 @@ def cascading_randomization(
             reinitialise(modules[name], seed + step, recurse=recurse and name != "")
         randomised = explain(work)
         flat = randomised.flatten(1)
-        corr_abs.append(spearman(flat_original.abs(), flat.abs()).cpu())
-        corr_signed.append(spearman(flat_original, flat).cpu())
+        bad = original_flat | flat_maps(randomised)
+        nan = torch.full(bad.shape, float("nan"), dtype=torch.float64, device=bad.device)
+        corr_abs.append(torch.where(bad, nan, spearman(flat_original.abs(), flat.abs())).cpu())
+        corr_signed.append(torch.where(bad, nan, spearman(flat_original, flat)).cpu())
+        degenerate.append(bad.cpu())
         if return_maps:
             kept.append(randomised.cpu())
     return SanityResult(
@@ -284,4 +318,5 @@ def cascading_randomization(
         absolute=bool(absolute),
         targets=targets.cpu(),
         maps=torch.stack(kept) if return_maps else None,
+        degenerate=torch.stack(degenerate),
     )
