@@ -13,6 +13,8 @@ import torch
 from .. import __version__
 from ..core.serialise import json_safe
 from ..report.html import embed_png, metrics_table, write_report
+from ..report.predictions import probabilities
+from ..report.run_page import Example, MethodMaps, ReportData, report_sections
 from .cohorts import describe_cohort
 from .state import DemoState
 
@@ -79,12 +81,65 @@ def write_results(state: DemoState) -> DemoState:
     return state
 
 
+def report_data(state: DemoState) -> ReportData:
+    """The explained test images as the run report draws them: the model's probabilities,
+    each method's global maps by label, prediction and outcome, and example images (most
+    and least confident, misclassified) among those every method explained."""
+    images = state.explain_set.images
+    with torch.no_grad():
+        logits = torch.cat(
+            [state.model(batch.to(state.device)).cpu() for batch in images.split(64)]
+        )
+    names = list(state.bench.class_names)
+    labels = state.explain_set.labels.numpy()
+    signed = state.settings.transform == "signed"
+    how = f"{state.settings.normalise}, {state.settings.transform}"
+    methods = {
+        name: MethodMaps(
+            groups={k: g.mean.numpy().reshape(images.shape[2:]) for k, g in r.groups.items()},
+            counts={k: int(n) for k, n in r.counts.items()},
+            signed=signed,
+            how=how,
+        )
+        for name, r in ((n, o.global_result) for n, o in state.outcomes.items())
+    }
+    data = ReportData(
+        class_names=names,
+        multilabel=False,
+        labels=labels,
+        preds=state.preds.numpy(),
+        probs=probabilities(logits.numpy(), len(names), sigmoid=False),
+        names=[f"test #{i}" for i in range(len(labels))],
+        mean_image=state.mean_image.double().numpy(),
+        methods=methods,
+        affine=state.affine if state.settings.dims == 3 else None,
+    )
+    shared = min(len(outcome.explained.maps) for outcome in state.outcomes.values())
+    data.examples = [
+        Example(
+            images[i].double().numpy(),
+            {
+                n: o.explained.maps[i].double().numpy().reshape(images.shape[2:])
+                for n, o in state.outcomes.items()
+            },
+            i,
+            why,
+        )
+        for i, why in data.example_positions(among=shared)
+    ]
+    return data
+
+
 def write_html_report(state: DemoState) -> DemoState:
-    """``report.html``: the summary table, then every figure with a note on how to read it."""
+    """``report.html``: the summary table, the sections every run report has (predictions,
+    examples, global maps by label, prediction and outcome, :mod:`medexplain.report.run_page`),
+    the demo's own figures with a note on how to read them, then the interactive view."""
     results, figures = state.results, state.figures
     sections = [("Summary", _intro(results) + metrics_table(results["methods"], REPORT_COLUMNS))]
+    shared = report_sections(report_data(state), state.out / "figures")
+    sections += shared[:3]
     if "examples" in figures:
-        sections.append(("Image-wise explanations", embed_png(figures["examples"])))
+        sections.append(("Every method on the same images", embed_png(figures["examples"])))
     sag_figures = sorted(key for key in figures if key.startswith("sag_"))
     if sag_figures:
         body = _SAG_NOTE + "".join(embed_png(figures[key]) for key in sag_figures)
@@ -99,6 +154,7 @@ def write_html_report(state: DemoState) -> DemoState:
         keys = (f"global_{name}", f"peppr_{name}")
         body = "".join(embed_png(figures[key]) for key in keys if key in figures)
         sections.append((f"{name}: global maps and PEPPR", body))
+    sections.append(shared[3])
     write_report(
         state.out / "report.html",
         title="medexplain demo",

@@ -20,6 +20,12 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
 img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.5em 1em}
+.checks{list-style:none;padding-left:0}.checks li{padding:2px 6px;margin:2px 0}
+.pass{background:#e8f5e9}.fail{background:#ffebee;color:#b71c1c}
+.mx-controls{margin:0.5em 0;font-size:0.9em}.mx-controls label{margin-right:1em}
+.mx-views{display:flex;flex-wrap:wrap;gap:12px}.mx-view{display:flex;flex-direction:column}
+.mx-view canvas{background:#000;image-rendering:pixelated;max-width:100%}
+.mx-note{color:#666}
 """
 
 
