@@ -52,8 +52,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "gradcam": {"params": {}},
     # Half-image windows, quarter-image stride: 3 positions per dim on the test sizes.
     "occlusion": {"params": {"window_fraction": 0.5}},
-    # RISE (explain/rise.py): 16 random masks of 3 cells per axis, drawn once per call.
-    "rise": {"params": {"n_masks": 16, "cells": 3}},
+    # RISE (explain/rise.py): 8 random masks of 3 cells per axis, drawn once per call.
+    "rise": {"params": {"n_masks": 8, "cells": 3}},
     # Mask optimisation (explain/igos.py): coarse 6-cell masks, 3 iterations, 4 integration
     # steps. The per-image Armijo decisions compare float32 losses, so allow float noise.
     # I-GOS with l1=0: the randomly initialised 3D DenseNet121 (test_third_party.py) barely
