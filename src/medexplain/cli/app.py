@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +49,11 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _show_warning(message, category, *_args, **_kwargs) -> None:
+    """A warning as one line on stderr, without the source line that raised it."""
+    console.print(f"[yellow]warning:[/yellow] {message}")
+
+
 def guard(fn):
     """Turn the errors a user causes (bad files, arguments, run folders) into one line on
     stderr and exit code 2, without a traceback."""
@@ -58,11 +66,43 @@ def guard(fn):
         from ..runs.errors import RunError
 
         try:
-            return fn(*args, **kwargs)
-        except (DataError, ModelError, CheckpointError, RunError, FileNotFoundError) as error:
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
+        except (DataError, ModelError, CheckpointError, RunError) as error:
             raise fail(one_line(error)) from None
+        except OSError as error:  # a file that cannot be read or written: name it
+            raise fail(os_line(error)) from None
 
     return wrapper
+
+
+def os_line(error: OSError) -> str:
+    """``"cannot write PATH: Permission denied"``-style line for a failed file operation."""
+    if error.filename is None:
+        return one_line(error)
+    target = f"{error.filename} -> {error.filename2}" if error.filename2 else error.filename
+    reason = error.strerror or type(error).__name__
+    return f"{target}: {reason}"
+
+
+@contextlib.contextmanager
+def holding(run: Path, command: str) -> Iterator[None]:
+    """Hold the lock of the run folder ``run`` while ``command`` writes into it; another
+    medexplain process writing there (explain, global, evaluate) makes this one refuse."""
+    from ..runs.errors import RunError
+    from ..runs.settings import open_run
+
+    store, _ = open_run(run)  # RunError when ``run`` holds no run: nothing is created
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(store.lock())
+        except RunError:
+            raise fail(
+                f"{run} is being written by another medexplain process (explain, global or "
+                f"evaluate); wait for it to finish, then run `medexplain {command}` again"
+            ) from None
+        yield
 
 
 def parse_params(values: list[str] | None) -> dict:
@@ -115,9 +155,13 @@ NormaliseOpt = Annotated[
 ]
 
 
-def check_device(text: str) -> str:
-    """``--device``: a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+def check_device(text: str | None) -> str | None:
+    """``--device``: a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``);
+    None (an optional ``--device`` not given) passes."""
     import torch
+
+    if text is None:
+        return None
 
     try:
         device = torch.device(text)
@@ -139,15 +183,51 @@ def check_device(text: str) -> str:
 
 
 def check_out_folder(out: Path, option: str = "--out") -> None:
-    """Refuse an output folder that is a file, or that lies below a file."""
+    """Refuse an output folder that is a file, that lies below a file, or whose nearest
+    existing folder cannot be written in."""
     for folder in (out, *out.parents):
         if folder.exists():
             if not folder.is_dir():
                 where = "is" if folder == out else f"lies below {folder}, which is"
                 raise fail(f"{option} {out} {where} a file; expected a folder")
+            _check_writable(folder, out, option)
             return
 
 
+def check_out_file(out: Path, option: str = "--out") -> None:
+    """Refuse an output file that is a folder, lies below a file, or cannot be written."""
+    if out.is_dir():
+        raise fail(f"{option} {out} is a folder; expected a file name")
+    for folder in out.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise fail(f"{option} {out} lies below {folder}, which is a file")
+            _check_writable(folder, out, option)
+            return
+
+
+def _check_writable(folder: Path, out: Path, option: str) -> None:
+    """Create and remove a scratch folder in ``folder`` (the nearest existing folder of
+    ``out``): permissions, read-only file systems and root's rights all answer honestly."""
+    import shutil
+    import tempfile
+
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".medexplain-probe-", dir=folder))
+    except OSError as error:
+        where = "" if folder == out else f" in {folder}"
+        reason = error.strerror or type(error).__name__
+        raise fail(f"{option} {out}: cannot write{where} ({reason})") from None
+
+
+def check_channels(value: int | None) -> int | None:
+    """``--channels``: 1 (grey) or 3 (RGB), or not given."""
+    if value is not None and value not in (1, 3):
+        raise typer.BadParameter(f"expected 1 (grey) or 3 (RGB), got {value}")
+    return value
+
+
+ChannelsOpt = Annotated[int | None, typer.Option(help="1: grey, 3: RGB.", callback=check_channels)]
 DeviceOpt = Annotated[
     str, typer.Option(help="torch device, e.g. cpu or cuda:0.", callback=check_device)
 ]

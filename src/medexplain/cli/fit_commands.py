@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..core.errors import one_line
 from .app import (
     ConfigOpt,
     DeviceOpt,
@@ -16,6 +17,7 @@ from .app import (
     ProgressOpt,
     ShapeOpt,
     app,
+    check_out_file,
     console,
     fail,
     guard,
@@ -84,6 +86,30 @@ def _fit_inputs(model, model_factory, model_config, data, shape, normalise, devi
     return loaded, Subset(items, order[n_val:]), Subset(items, order[:n_val])
 
 
+#: Explainer keywords that ``fit`` sets from its own options.
+_OPTIONS = {"max_seconds": "--max-seconds", "seed": "--seed", "target_class": "--target-class"}
+
+
+def _check_param_names(params: dict, known: set[str], command: str) -> None:
+    """Refuse a ``--param`` name the explainer does not take, before anything is loaded."""
+    for name in params:
+        if name in _OPTIONS and name in known:
+            raise fail(f"--param {name}: use the option {_OPTIONS[name]} of fit {command}")
+        if name not in known:
+            choices = ", ".join(sorted(known - set(_OPTIONS) - {"seed"}))
+            raise fail(
+                f"--param {name} is not a parameter of fit {command}; expected one of {choices}"
+            )
+
+
+def _built(command: str, build):
+    """``build()``, its TypeError/ValueError (a bad ``--param`` value) as one line."""
+    try:
+        return build()
+    except (TypeError, ValueError) as error:
+        raise fail(f"--param (fit {command}): {one_line(error)}") from None
+
+
 @fit_app.command("similar-adversarial")
 @guard
 def fit_similar_adversarial_command(
@@ -107,21 +133,22 @@ def fit_similar_adversarial_command(
 
     Example: medexplain fit similar-adversarial --model cnn.pt --data train.csv --out sa.ckpt
     """
-    from ..explain.generative.similar_adversarial import fit_similar_adversarial
+    import inspect
 
+    from ..explain.generative.similar_adversarial import SimilarAdversarial
+
+    check_out_file(out)
+    params = parse_params(param)
+    known = set(inspect.signature(SimilarAdversarial).parameters) - {"model", "generator"}
+    _check_param_names(params, known - {"checkpoint", "force"}, "similar-adversarial")
     net, train, val = _fit_inputs(
         model, model_factory, model_config, data, shape, normalise, device, max_seconds
     )
-    fit_similar_adversarial(
-        net,
-        train,
-        val,
-        out=out,
-        max_seconds=max_seconds,
-        seed=seed,
-        progress=progress,
-        **parse_params(param),
+    explainer = _built(
+        "similar-adversarial",
+        lambda: SimilarAdversarial(net, max_seconds=max_seconds, seed=seed, **params),
     )
+    explainer.fit(train, val, progress=progress, out=out)
     console.print(f"[green]done[/green]: {out}")
 
 
@@ -152,20 +179,24 @@ def fit_warp_simulator_command(
     Example: medexplain fit warp-simulator --model cnn3d.pt --model-factory lab.nets:cnn3d
     --data t1.csv --out sim.ckpt
     """
-    from ..explain.generative.warp_simulator import fit_warp_simulator
+    from dataclasses import fields
 
+    from ..explain.generative.warp_network import WarpSimulatorConfig
+    from ..explain.generative.warp_simulator import WarpFitConfig, WarpSimulatorExplainer
+
+    check_out_file(out)
+    params = parse_params(param)
+    known = {f.name for f in (*fields(WarpSimulatorConfig), *fields(WarpFitConfig))}
+    _check_param_names(params, known | {"batch_size"}, "warp-simulator")
     net, train, val = _fit_inputs(
         model, model_factory, model_config, data, shape, normalise, device, max_seconds
     )
-    fit_warp_simulator(
-        net,
-        train,
-        val,
-        target_class=target_class,
-        out=out,
-        max_seconds=max_seconds,
-        seed=seed,
-        progress=progress,
-        **parse_params(param),
+    explainer = _built(
+        "warp-simulator",
+        lambda: WarpSimulatorExplainer(
+            net, target_class=target_class, max_seconds=max_seconds, seed=seed, **params
+        ),
     )
+    explainer.fit(train, val, progress=progress)
+    explainer.save(out)
     console.print(f"[green]done[/green]: {out}")

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .app import (
+    ChannelsOpt,
     ConfigOpt,
     DataOpt,
     DeviceOpt,
@@ -19,10 +20,12 @@ from .app import (
     ProgressOpt,
     ShapeOpt,
     app,
+    check_device,
     check_out_folder,
     console,
     fail,
     guard,
+    holding,
     parse_params,
     parse_shape,
 )
@@ -47,8 +50,15 @@ def explain(
     target: Annotated[
         str, typer.Option(help="Class explained: predicted, label, or a class index.")
     ] = "predicted",
+    label_column: Annotated[
+        str,
+        typer.Option(
+            help="Class column of a CSV manifest; 'none': unlabelled data (also assumed, with "
+            "a notice, when the default 'label' column is absent)."
+        ),
+    ] = "label",
     shape: ShapeOpt = None,
-    channels: Annotated[int | None, typer.Option(help="1: grey, 3: RGB.")] = None,
+    channels: ChannelsOpt = None,
     normalise: NormaliseOpt = "none",
     device: DeviceOpt = "cpu",
     batch_size: Annotated[int, typer.Option(help="Images per explainer call.")] = 16,
@@ -110,6 +120,7 @@ def explain(
         chunk_size=chunk_size,
         limit=limit,
         force=force,
+        label_column=None if label_column.strip().lower() == "none" else label_column,
         nifti_maps=nifti_maps,
     )
     summary = explain_run(
@@ -127,7 +138,8 @@ def explain(
     )
     if global_maps:
         _warn_alignment(settings)
-        global_run(out, log=lambda m: console.print(m))
+        with holding(out, "global"):
+            global_run(out, log=lambda m: console.print(m))
         console.print(f"global maps: {out / 'global'}")
 
 
@@ -148,7 +160,13 @@ def _warn_alignment(settings) -> None:
 @guard
 def global_command(
     run: Annotated[Path, typer.Argument(help="Run folder written by explain.")],
-    by: Annotated[str, typer.Option(help="Groups: label, prediction or outcome.")] = "label",
+    by: Annotated[
+        str | None,
+        typer.Option(
+            help="Groups: label, prediction or outcome (default: label; prediction for "
+            "unlabelled data)."
+        ),
+    ] = None,
     normalise: Annotated[str, typer.Option(help="Per-map normalisation: max, mass, none.")] = "max",
     transform: Annotated[str, typer.Option(help="abs, positive or signed.")] = "abs",
     contrast: Annotated[
@@ -179,18 +197,23 @@ def global_command(
         raise fail(f"--normalise must be max, mass or none, got {normalise!r}")
     if transform not in ("abs", "positive", "signed"):
         raise fail(f"--transform must be abs, positive or signed, got {transform!r}")
-    result = global_run(
-        run,
-        by=by,
-        normalise=normalise,
-        transform=transform,
-        contrast=pair,
-        mask=mask,
-        alpha=alpha,
-        log=lambda m: console.print(m),
-    )
+    with holding(run, "global"):
+        result = global_run(
+            run,
+            by=by,
+            normalise=normalise,
+            transform=transform,
+            contrast=pair,
+            mask=mask,
+            alpha=alpha,
+            log=lambda m: console.print(m),
+        )
     counts = ", ".join(f"{'/'.join(k)}: {n}" for k, n in result.counts.items())
     console.print(f"[green]done[/green]: {run / 'global'} ({counts})")
+
+
+#: The PEPPR areas ``evaluate`` prints.
+AREAS = ("erase_area", "random_erase_area", "restore_area", "random_restore_area")
 
 
 @app.command()
@@ -207,7 +230,9 @@ def evaluate(
     n_sanity: Annotated[int, typer.Option(help="Images for the sanity check.")] = 4,
     steps: Annotated[int, typer.Option(help="PEPPR fractions: steps + 1 points.")] = 20,
     seeds: Annotated[int, typer.Option(help="Random orders for the PEPPR control.")] = 5,
-    device: Annotated[str | None, typer.Option(help="torch device (default: the run's).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="torch device (default: the run's).", callback=check_device)
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     progress: ProgressOpt = True,
 ) -> None:
@@ -220,30 +245,34 @@ def evaluate(
     from ..runs import evaluate_run
 
     everything = not (peppr or deletion or localization or sanity)
-    evaluation = evaluate_run(
-        run,
-        peppr=peppr or everything,
-        deletion=deletion or everything,
-        localization=localization or everything,
-        sanity=sanity or everything,
-        labelwise=labelwise,
-        limit=limit,
-        n_deletion=n_deletion,
-        n_sanity=n_sanity,
-        peppr_steps=steps,
-        peppr_seeds=seeds,
-        device=device,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    with holding(run, "evaluate"):
+        evaluation = evaluate_run(
+            run,
+            peppr=peppr or everything,
+            deletion=deletion or everything,
+            localization=localization or everything,
+            sanity=sanity or everything,
+            labelwise=labelwise,
+            limit=limit,
+            n_deletion=n_deletion,
+            n_sanity=n_sanity,
+            peppr_steps=steps,
+            peppr_seeds=seeds,
+            device=device,
+            batch_size=batch_size,
+            progress=progress,
+        )
     skipped = evaluation.get("localization", {}).get("skipped") if localization else None
     if skipped:
         raise fail(f"--localization computed nothing: {skipped}")
     if peppr or everything:
-        p = evaluation["peppr"]
+        section, metric = evaluation["peppr"], "AUC"
+        if section["erase_area"] is None:  # one class only: the AUC is undefined
+            section, metric = section["accuracy"], "accuracy"
+        p = {k: "n/a" if v is None else f"{v:.3f}" for k, v in section.items() if k in AREAS}
         console.print(
-            f"PEPPR erase area {p['erase_area']:.3f} (random {p['random_erase_area']:.3f}), "
-            f"restore area {p['restore_area']:.3f} (random {p['random_restore_area']:.3f})"
+            f"PEPPR ({metric}) erase area {p['erase_area']} (random {p['random_erase_area']}), "
+            f"restore area {p['restore_area']} (random {p['random_restore_area']})"
         )
     console.print(f"[green]done[/green]: {run / 'evaluation.json'}")
 
@@ -271,7 +300,7 @@ def check_alignment_command(
         Path | None, typer.Option(help="Reference image (default: the dataset mean).")
     ] = None,
     shape: ShapeOpt = None,
-    channels: Annotated[int | None, typer.Option(help="1: grey, 3: RGB.")] = None,
+    channels: ChannelsOpt = None,
     normalise: NormaliseOpt = "none",
     threshold: Annotated[
         float | None, typer.Option(help="Also flag correlations below this.")
@@ -289,6 +318,7 @@ def check_alignment_command(
     from ..data.readers import load_image
     from ..report.alignment_plot import plot_alignment
 
+    check_out_folder(out)
     dataset = open_dataset(data, shape=parse_shape(shape), channels=channels, normalise=normalise)
     reference = None
     if template is not None:

@@ -52,9 +52,10 @@ def sag(
     """
     from ..data.files import ImageDataset
     from ..explain.sag import run_sag
-    from ..models.external import load_model
+    from ..models.external import ModelError, load_model
     from ..report.sag_plot import plot_sag
 
+    check_out_folder(out)
     loaded = load_model(
         None if model is None else str(model),
         model_factory,
@@ -68,7 +69,11 @@ def sag(
     item, error = dataset.try_get(0)
     if item is None:
         raise fail(error or f"cannot read {image}")
-    check_out_folder(out)
+    try:  # a 3D volume for a 2D model, a colour image for a grey one...
+        loaded.validate(item["image"][None])
+    except ModelError as error:
+        read = _described(item["image"])
+        raise fail(f"--image {image} (read as {read}): {one_line(error)}") from None
     try:
         result = run_sag(
             loaded, item["image"], out, target=target, grid=grid, **parse_params(param)
@@ -84,3 +89,10 @@ def sag(
         f"[green]done[/green]: {len(result.roots)} root(s), {len(result.diverse)} diverse, "
         f"{result.forward_passes} forward passes -> {out / 'sag.json'}, {out / 'sag.png'}"
     )
+
+
+def _described(image) -> str:
+    """``"a 3D image of 1 channel(s), 16 x 16 x 8"`` for an image ``(C, *S)``."""
+    spatial = tuple(image.shape[1:])
+    sizes = " x ".join(str(n) for n in spatial)
+    return f"a {len(spatial)}D image of {image.shape[0]} channel(s), {sizes}"

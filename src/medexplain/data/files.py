@@ -301,7 +301,7 @@ class ImageDataset(Dataset):
             if have != ref.channels:
                 raise DataError(
                     f"{path} has {have} channel(s) but {ref.path} has {ref.channels}; pass "
-                    "channels=1 (grey) or channels=3 (RGB) to convert them all"
+                    "--channels 1 (grey) or 3 (RGB) (channels= in Python) to convert them all"
                 )
             return array
         if have == want:
@@ -321,15 +321,20 @@ class ImageDataset(Dataset):
         spatial = tuple(image.shape[2:])
         if self._shape is None:
             ref = self._reference()
+            if len(spatial) != len(ref.shape):
+                raise DataError(
+                    f"{path} is {len(spatial)}D {spatial} but {ref.path} is {len(ref.shape)}D "
+                    f"{ref.shape}; one dataset holds images of one dimension only"
+                )
             if spatial != ref.shape:
                 raise DataError(
                     f"{path} has shape {spatial} but {ref.path} has shape {ref.shape}; pass "
-                    f"shape=(...) to resample all images to one shape"
+                    f"--shape (shape=(...) in Python) to resample all images to one shape"
                 )
             return image, None
         if len(spatial) != len(self._shape):
             raise DataError(
-                f"{path} is {len(spatial)}D with shape {spatial}, but shape={self._shape} "
+                f"{path} is {len(spatial)}D with shape {spatial}, but --shape {self._shape} "
                 f"asks for {len(self._shape)}D images"
             )
         return resize(image, self._shape), self._shape

@@ -449,7 +449,7 @@ def run_sag(
     ``out_dir`` (created); the picture is :func:`medexplain.report.sag_plot.plot_sag`.
     ``params`` go to :class:`StructuredAttentionGraph`."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result = StructuredAttentionGraph(model, **params).explain_image(image, target)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused call writes nothing
     result.to_json(out / "sag.json")
     return result
