@@ -194,6 +194,13 @@ def test_missing_onnxruntime_names_the_extra(files, monkeypatch):
         load_model(files / "cnn.onnx")
 
 
+def test_gradients_through_an_onnx_model_are_one_line(files):
+    model = load_model(files / "cnn.onnx")
+    x = images(1).requires_grad_(True)
+    with pytest.raises(ModelError, match=r"cnn.onnx is an ONNX model, which runs forward only"):
+        model(x)  # e.g. an explainer class built directly, or fitting a learned explainer
+
+
 # ---------------------------------------------------------------- explaining
 
 

@@ -163,8 +163,9 @@ class OnnxNetwork(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if torch.is_grad_enabled() and x.requires_grad:
             raise ModelError(
-                f"{self.path} is an ONNX model, which runs forward only: no gradients; use a "
-                "forward-only method (occlusion, rise, sag)"
+                f"{self.path} is an ONNX model, which runs forward only: it gives no gradients "
+                "(needed by gradient methods and to fit learned explainers); use a forward-only "
+                "method (occlusion, rise, sag)"
             )
         wrong = x.dim() - 1 != len(self._dims) or any(
             isinstance(d, int) and d > 0 and d != n for d, n in zip(self._dims, x.shape[1:])
