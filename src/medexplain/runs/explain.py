@@ -36,7 +36,7 @@ from .settings import (
 )
 from .store import RunStore
 
-__all__ = ["explain_run"]
+__all__ = ["ChunkWork", "explain_run", "missing_parts"]
 
 
 def _identity(settings: ExplainSettings, model: LoadedModel, dataset: ImageDataset, chunk: int):
@@ -251,6 +251,56 @@ def _prepare(settings: ExplainSettings, store: RunStore, log) -> _Prepared:
     )
 
 
+@dataclass
+class ChunkWork:
+    """What explaining one chunk needs, opened once (by the local engine, or by each Ray
+    actor): the model, dataset and explainer of the run, its settings, the images' spatial
+    shape and the model's number of outputs."""
+
+    model: LoadedModel
+    dataset: ImageDataset
+    explainer: Any
+    settings: ExplainSettings
+    spatial: tuple[int, ...]
+    outputs: int
+
+    def explain_chunk(
+        self, store: RunStore, number: int, part: list[tuple[str, int]]
+    ) -> tuple[int, list[tuple[int, str, str, str]]]:
+        """Explain ``part`` (``(key, manifest row)`` pairs) into chunk ``number``, written
+        atomically (with its NIfTI maps when asked); returns how many images were explained
+        and the ``(row, path, reason, key)`` of those that failed."""
+        items, errors = [], []
+        for key, row in part:
+            item, error = self.dataset.try_get(row)
+            if item is None:
+                errors.append((row, str(self.dataset.records[row].path), error, key))
+            else:
+                items.append({**item, "key": key})
+        done, bad = _explain_items(
+            self.model,
+            self.explainer,
+            items,
+            self.settings.target,
+            self.dataset.multilabel,
+            self.settings.batch_size,
+        )
+        errors += bad
+        chunk = _build_chunk(number, done, errors, self.spatial, self.outputs)
+        store.write_chunk(chunk)
+        nifti = wants_maps(self.settings.nifti_maps, len(self.spatial))
+        write_chunk_maps(store, chunk, self.dataset, nifti)
+        return len(done), errors
+
+
+def missing_parts(run: _Prepared, done_keys: set[str]) -> tuple[int, list[list[tuple[str, int]]]]:
+    """How many selected images are settled already, and the others as chunk-sized lists
+    of ``(key, manifest row)`` in manifest order."""
+    missing = [(key, row) for key, row in zip(run.keys, run.rows) if key not in done_keys]
+    parts = [missing[b : b + run.chunk_size] for b in range(0, len(missing), run.chunk_size)]
+    return len(run.keys) - len(missing), parts
+
+
 def _explain_missing(
     store: RunStore,
     run: _Prepared,
@@ -261,36 +311,17 @@ def _explain_missing(
 ) -> int:
     """Explain the selected keys not in ``done_keys``, one new chunk at a time; returns how
     many images were explained."""
-    missing = [(key, row) for key, row in zip(run.keys, run.rows) if key not in done_keys]
+    settled, parts = missing_parts(run, done_keys)
+    work = ChunkWork(run.model, run.dataset, run.explainer, settings, run.spatial, run.outputs)
     number = store.next_chunk_number()
     computed = 0
     with progress_bar(progress) as bar:
         task = bar.add_task(f"{settings.method:>16}", total=len(run.keys))
-        bar.advance(task, len(run.keys) - len(missing))
-        for begin in range(0, len(missing), run.chunk_size):
-            part = missing[begin : begin + run.chunk_size]
-            items, errors = [], []
-            for key, row in part:
-                item, error = run.dataset.try_get(row)
-                if item is None:
-                    errors.append((row, str(run.dataset.records[row].path), error, key))
-                else:
-                    items.append({**item, "key": key})
-            done, bad = _explain_items(
-                run.model,
-                run.explainer,
-                items,
-                settings.target,
-                run.dataset.multilabel,
-                settings.batch_size,
-            )
-            errors += bad
-            chunk = _build_chunk(number, done, errors, run.spatial, run.outputs)
-            store.write_chunk(chunk)
-            nifti = wants_maps(settings.nifti_maps, len(run.spatial))
-            write_chunk_maps(store, chunk, run.dataset, nifti)
+        bar.advance(task, settled)
+        for part in parts:
+            n_done, errors = work.explain_chunk(store, number, part)
             number += 1
-            computed += len(done)
+            computed += n_done
             for row, path, reason, _ in errors:
                 log(f"skipped image {row} ({path}): {reason}")
             bar.advance(task, len(part))
@@ -304,8 +335,13 @@ def explain_run(
     overwrite: bool = False,
     progress: bool = True,
     log=print,
+    engine=None,
 ) -> dict[str, Any]:
     """Explain ``settings.data`` into the run folder ``out``, resuming what is there.
+
+    ``engine``: None explains in this process; an object with ``explain_missing(store, run,
+    settings, done_keys, progress, log) -> int`` (e.g. :class:`medexplain.runs.ray_engine.
+    RayEngine`) fills the missing chunks instead.
 
     Images are matched to stored maps by key (path, file stamp, label), so a reordered,
     extended or shortened manifest resumes; damaged chunks are set aside and recomputed.
@@ -323,7 +359,8 @@ def explain_run(
         store.remove_partial()
         done_keys = store.scan(log)
         store.write_selection(run.keys, run.rows)
-        computed = _explain_missing(store, run, settings, done_keys, progress, log)
+        fill = _explain_missing if engine is None else engine.explain_missing
+        computed = fill(store, run, settings, done_keys, progress, log)
         all_errors = store.errors()
         store.write_errors_csv(all_errors)
         store.write_items_csv()
