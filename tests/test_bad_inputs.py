@@ -119,7 +119,7 @@ CASES = [
     (
         "unknown param",
         [*SALIENCY, "--param", "bogus=1", "--out", "{o}"],
-        ["--method saliency", "--param", "bogus"],
+        ["--param bogus is not a parameter of --method saliency", "abs", "batch_size"],
     ),
     ("unknown method", [*EXPLAIN, "--method", "bogus", "--out", "{o}"], ["bogus", "saliency"]),
     ("device unknown", [*SALIENCY, "--device", "bogus", "--out", "{o}"], ["bogus", "cpu", "cuda"]),
@@ -221,7 +221,12 @@ CASES = [
         [*SAG, "--target", "99", "--out", "{o}"],
         ["--target", "99", "2 output(s)"],
     ),
-    ("sag unknown param", [*SAG, "--param", "bogus=1", "--out", "{o}"], ["--param", "bogus"]),
+    (
+        "sag unknown param",
+        [*SAG, "--param", "bogus=1", "--out", "{o}"],
+        ["--param bogus is not a parameter of sag", "beam_width"],
+    ),
+    ("sag option as a param", [*SAG, "--param", "grid=3", "--out", "{o}"], ["--grid"]),
     (
         "sag on a 3D volume with a 2D model",
         ["sag", "--model", "{root}/model.pt", "--image", "{root}/vol.npy", "--out", "{o}"],

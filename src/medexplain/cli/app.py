@@ -105,6 +105,31 @@ def holding(run: Path, command: str) -> Iterator[None]:
         yield
 
 
+def check_param_names(
+    params: dict, known: set[str], what: str, options: dict[str, str] | None = None
+) -> None:
+    """Refuse a ``--param`` name that ``what`` (``--method saliency``, ``fit ...``) does not
+    take, or that one of its own ``options`` (name -> option) sets, before any work."""
+    options = options or {}
+    for name in params:
+        if name in options:
+            raise fail(f"--param {name}: use the option {options[name]} of {what}")
+        if name not in known:
+            choices = ", ".join(sorted(known - set(options))) or "none"
+            raise fail(f"--param {name} is not a parameter of {what}; expected one of {choices}")
+
+
+def explainer_params(cls: type) -> set[str] | None:
+    """The keyword parameters of explainer class ``cls`` (its model excluded), or None when
+    it takes any keyword (``**params``)."""
+    import inspect
+
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return set(parameters) - {"model"}
+
+
 def parse_params(values: list[str] | None) -> dict:
     """``key=value`` pairs; values are read as YAML scalars/lists (``n_steps=32``,
     ``baseline=blur``, ``widths=[8,16]``)."""

@@ -18,6 +18,7 @@ from .app import (
     ShapeOpt,
     app,
     check_out_file,
+    check_param_names,
     console,
     fail,
     guard,
@@ -92,14 +93,8 @@ _OPTIONS = {"max_seconds": "--max-seconds", "seed": "--seed", "target_class": "-
 
 def _check_param_names(params: dict, known: set[str], command: str) -> None:
     """Refuse a ``--param`` name the explainer does not take, before anything is loaded."""
-    for name in params:
-        if name in _OPTIONS and name in known:
-            raise fail(f"--param {name}: use the option {_OPTIONS[name]} of fit {command}")
-        if name not in known:
-            choices = ", ".join(sorted(known - set(_OPTIONS) - {"seed"}))
-            raise fail(
-                f"--param {name} is not a parameter of fit {command}; expected one of {choices}"
-            )
+    options = {k: v for k, v in _OPTIONS.items() if k in known}
+    check_param_names(params, known - {"seed"}, f"fit {command}", options)
 
 
 def _built(command: str, build):

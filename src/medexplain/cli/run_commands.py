@@ -22,7 +22,9 @@ from .app import (
     app,
     check_device,
     check_out_folder,
+    check_param_names,
     console,
+    explainer_params,
     fail,
     guard,
     holding,
@@ -103,13 +105,15 @@ def explain(
     from ..runs import ExplainSettings, explain_run, global_run
 
     check_out_folder(out)
+    params = parse_params(param)
+    _check_method_params(method, params)
     settings = ExplainSettings(
         data=str(data),
         method=method,
         model=None if model is None else str(model),
         model_factory=model_factory,
         model_config=None if model_config is None else str(model_config),
-        params=parse_params(param),
+        params=params,
         explainer_checkpoint=None if explainer_checkpoint is None else str(explainer_checkpoint),
         target=target,
         shape=parse_shape(shape),
@@ -141,6 +145,18 @@ def explain(
         with holding(out, "global"):
             global_run(out, log=lambda m: console.print(m))
         console.print(f"global maps: {out / 'global'}")
+
+
+def _check_method_params(method: str, params: dict) -> None:
+    """An unknown ``--param`` name of a registered method, named with its choices."""
+    from ..explain import available
+    from ..explain.base import explainer_class
+
+    if method not in available():
+        return  # a wrapper (augmented:...) or an unknown name: explain reports it
+    known = explainer_params(explainer_class(method))
+    if known is not None:
+        check_param_names(params, known, f"--method {method}")
 
 
 def _warn_alignment(settings) -> None:

@@ -17,7 +17,9 @@ from .app import (
     ShapeOpt,
     app,
     check_out_folder,
+    check_param_names,
     console,
+    explainer_params,
     fail,
     guard,
     parse_params,
@@ -51,11 +53,15 @@ def sag(
     Example: medexplain sag --model cxr.ts --image dicoms/p123.dcm --out sag/p123
     """
     from ..data.files import ImageDataset
-    from ..explain.sag import run_sag
+    from ..explain.sag import StructuredAttentionGraph, run_sag
     from ..models.external import ModelError, load_model
     from ..report.sag_plot import plot_sag
 
     check_out_folder(out)
+    params = parse_params(param)
+    known = explainer_params(StructuredAttentionGraph)
+    if known is not None:
+        check_param_names(params, known, "sag", {"grid": "--grid", "target": "--target"})
     loaded = load_model(
         None if model is None else str(model),
         model_factory,
@@ -75,9 +81,7 @@ def sag(
         read = _described(item["image"])
         raise fail(f"--image {image} (read as {read}): {one_line(error)}") from None
     try:
-        result = run_sag(
-            loaded, item["image"], out, target=target, grid=grid, **parse_params(param)
-        )
+        result = run_sag(loaded, item["image"], out, target=target, grid=grid, **params)
     except TypeError as error:
         raise fail(f"--param: {one_line(error)}") from None
     except ValueError as error:
