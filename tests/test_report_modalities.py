@@ -111,12 +111,31 @@ def test_axial_cut_of_examples_shows_the_requested_slice(tmp_path, monkeypatch):
     np.testing.assert_array_equal(middle, volume[0, 0, shape[0] // 2])  # default unchanged
 
 
-def test_3d_global_maps_get_a_colour_bar_per_panel(tmp_path, monkeypatch):
-    captured = _capture_figure(monkeypatch, figures)
-    maps = {"a": torch.rand(1, 6, 7, 8), "b": torch.rand(6, 7, 8)}
+def test_3d_global_maps_are_three_views_on_one_scale(tmp_path, monkeypatch):
+    from medexplain.report import panels
+
+    captured = _capture_figure(monkeypatch, panels)
+    maps = {"a": torch.rand(1, 6, 7, 8), "b": 2 * torch.rand(6, 7, 8)}
     plot_global_maps(torch.rand(1, 6, 7, 8), maps, tmp_path / "g.png")
-    colour_bars = [ax for ax in captured["figure"].axes if not ax.images]
-    assert len(captured["figure"].axes) == 4 and len(colour_bars) == 2
+    axes = captured["figure"].axes
+    colour_bars = [ax for ax in axes if not ax.images]
+    assert len(axes) == 7 and len(colour_bars) == 1  # 2 maps x 3 views, one colour bar
+    views = [ax.get_title().split("·")[1].split()[0] for ax in axes if ax.images]
+    assert views == ["axial", "coronal", "sagittal"] * 2
+    top = max(float(m.abs().max()) for m in maps.values())
+    assert colour_bars[0].get_ylim()[1] == pytest.approx(top)
+
+
+def test_2d_global_maps_share_one_scale_and_colour_bar(tmp_path, monkeypatch):
+    captured = _capture_figure(monkeypatch, figures)
+    weak, strong = _corner_map(), 4 * _corner_map()
+    plot_global_maps(torch.rand(1, 16, 16), {"weak": weak, "strong": strong}, tmp_path / "g.png")
+    axes = captured["figure"].axes
+    colour_bars = [ax for ax in axes if not ax.images]
+    assert len(colour_bars) == 1 and colour_bars[0].get_ylim()[1] == pytest.approx(4.0)
+    # on one scale the weak map is drawn a quarter as opaque as the strong one
+    alpha = [np.asarray(ax.images[1].get_array())[..., 3].max() for ax in axes if ax.images]
+    assert alpha[0] == pytest.approx(alpha[1] / 4)
 
 
 def _brain(shape=(12, 14, 10)):

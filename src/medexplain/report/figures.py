@@ -86,17 +86,26 @@ def _show(ax, background: np.ndarray) -> None:
         ax.imshow(background, cmap="gray", interpolation="nearest")
 
 
-def _overlay(ax, background: np.ndarray, heat: np.ndarray, signed: bool, title: str):
-    """Image (grey or RGB), the map on top with opacity growing with |value| (scaled per
-    panel), so weak attributions leave the anatomy visible. Signed maps: red positive, blue
-    negative. Returns a ``ScalarMappable`` of the map's colour scale (for a colour bar)."""
+def _overlay(
+    ax,
+    background: np.ndarray,
+    heat: np.ndarray,
+    signed: bool,
+    title: str,
+    limit: float | None = None,
+):
+    """Image (grey or RGB), the map on top with opacity growing with |value| (scaled to
+    ``limit``, default the panel's largest |value|), so weak attributions leave the anatomy
+    visible. Signed maps: red positive, blue negative. Returns a ``ScalarMappable`` of the
+    map's colour scale (for a colour bar)."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     _show(ax, background)
-    limit = float(np.abs(heat).max())
-    two_sided = signed and heat.min() < 0
+    shared = limit is not None  # one scale for a figure: its maps' sign decides
+    limit = float(np.abs(heat).max()) if limit is None else float(limit)
+    two_sided = signed and (shared or heat.min() < 0)
     if limit > 0:
         if two_sided:
             scaled = heat / limit
@@ -123,28 +132,46 @@ def plot_global_maps(
     title: str = "",
     signed: bool = False,
 ) -> Path:
-    """One panel per label: its global map over the dataset mean image; ground-truth region
-    outlined in cyan when ``regions`` has an entry for the label.
+    """One panel per label: its global map over the dataset mean image, every panel on one
+    colour scale with one colour bar; ground-truth region outlined in cyan when ``regions``
+    has an entry for the label.
 
     mean_image: ``(C, *spatial)`` or ``(*spatial)``, RGB when ``C == 3``, else grey;
     maps: name -> ``(1, *spatial)`` or ``(*spatial)``; regions: name -> same, bool.
-    3D maps get a colour bar per panel (the middle slice of the first axis is shown).
+    3D maps (a volume in RAS voxel order) are drawn as axial, coronal and sagittal slices
+    through the voxel of the largest |value|, with orientation letters, on one colour scale
+    with one colour bar (:func:`medexplain.report.panels.plot_group_panels`).
     """
     names = list(maps)
     ndim = to_numpy(maps[names[0]]).ndim  # maps are (1, *spatial) or (*spatial)
+    if ndim == 3:
+        from .panels import plot_group_panels
+
+        background = to_numpy(mean_image)
+        background = background[None] if background.ndim == 3 else background
+        return plot_group_panels(
+            background,
+            {name: to_numpy(array) for name, array in maps.items()},
+            path,
+            signed=signed and any(float(to_numpy(m).min()) < 0 for m in maps.values()),
+            title=title,
+            regions={k: to_numpy(v) for k, v in (regions or {}).items() if k in maps},
+        )
     background = spatial_view(mean_image, ndim)
-    fig = _figure(figsize=(2.6 * len(names) + (0.6 * len(names) if ndim == 3 else 0), 2.9))
+    heats = {name: spatial_view(maps[name], ndim) for name in names}
+    limit = max(float(np.abs(heat).max()) for heat in heats.values())
+    signed = signed and any(float(heat.min()) < 0 for heat in heats.values())
+    fig = _figure(figsize=(2.6 * len(names) + 0.7, 2.9))
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
-        scale = _overlay(ax, background, spatial_view(maps[name], ndim), signed, name)
+        scale = _overlay(ax, background, heats[name], signed, name, limit=limit)
         if regions is not None and name in regions:
             outline = spatial_view(regions[name], ndim)
             ax.contour(outline, levels=[0.5], colors="cyan", linewidths=0.8)
-        if ndim == 3:
-            fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.04)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    fig.colorbar(scale, ax=axes[0].tolist(), fraction=0.03, pad=0.02)
     return _save(fig, path)
 
 

@@ -108,6 +108,7 @@ def plot_group_panels(
     axial_only: bool = False,
     columns: int = 4,
     label: str = "mean map",
+    regions: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """One panel per map over ``background`` with one shared scale and colour bar.
 
@@ -115,6 +116,7 @@ def plot_group_panels(
     row. 3D: one row per map with its axial, coronal and sagittal slices through ``cut``
     (default: the voxel of the largest |value| over all maps), or with ``axial_only`` a grid
     of axial slices; every slice carries its orientation letters (:func:`axis_letters`).
+    regions: name -> ``(*S)`` bool, outlined in cyan on that map's panels.
     """
     names = list(maps)
     arrays = [np.asarray(maps[n], dtype=np.float64) for n in names]
@@ -139,20 +141,28 @@ def plot_group_panels(
     fig = _figure(figsize=(2.2 * per_row + 0.8, 2.3 * rows + (0.4 if title else 0.1)))
     axes = fig.subplots(rows, per_row, squeeze=False)
     view = view_names(axis_letters(affine)) if ndim == 3 else []
+    regions = regions or {}
     for ax, (name, array, axis) in zip(axes.flat, panels):
+        outline = regions.get(name)
         if axis is None:
             _draw(ax, image, array, norm, cmap, name)
-            continue
-        index = int(cut[axis])
-        _draw(
-            ax,
-            slice_view(image, axis, index),
-            slice_view(array, axis, index),
-            norm,
-            cmap,
-            f"{name} · {view[axis]} {index}",
-        )
-        _letters(ax, letters, axis)
+        else:
+            index = int(cut[axis])
+            title = f"{name} · {view[axis]} {index}"
+            _draw(
+                ax,
+                slice_view(image, axis, index),
+                slice_view(array, axis, index),
+                norm,
+                cmap,
+                title,
+            )
+            _letters(ax, letters, axis)
+            outline = (
+                None if outline is None else slice_view(np.asarray(outline, float), axis, index)
+            )
+        if outline is not None and np.asarray(outline).any():
+            ax.contour(np.asarray(outline, float), levels=[0.5], colors="cyan", linewidths=0.8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:
