@@ -34,9 +34,22 @@ sufficient successor that contains a root already found is neither pruned nor ex
 pruning mostly returns that root again, at a cost quadratic in its size: without this rule
 the passes for one image explode once every further set contains a known root).
 
-Registered explainer ``sag``: its map is, for every pixel, the score-weighted fraction of the
-diverse roots whose patches cover it, ``sum_r w_r [pixel in r] / sum_r w_r`` with
-``w_r = ins(r) / P`` (in [0, 1]; 0 everywhere when the baseline alone is sufficient).
+``variant="paper"`` runs the published algorithm as the authors' code does (module
+:mod:`medexplain.explain.sag_search` for the search): soft patches (the g x g indicator
+upsampled bilinearly with corner alignment, a tent that spills into the neighbours), the
+I-GOS heuristic with TV weight 20 at g x g (not rescaled with the mask size) and a line
+search from step 200, strict sufficiency ``ins(S) > threshold * P``, the beam walk that
+stops once the beam holds ``beam_width + 1`` sets, pruning by raster greedy passes (every
+sufficient successor, also one holding a known root), the root count checked after the
+whole depth, the diverse subset first found in discovery order, and the graph that removes
+only the first three patches of a node, keeps every child (the low-score leaves) and
+expands the children above ``child_threshold``. The default (``"default"``) keeps our
+choices above; docs/methods.md lists each difference with its measured reason.
+
+Registered explainer ``sag``: its map is, for every pixel, the score-weighted mean of the
+diverse roots' insertion masks, ``sum_r w_r m_r / sum_r w_r`` with ``w_r = ins(r) / P`` and
+``m_r`` the mask that showed root ``r`` (0/1 blocks, or soft patches in the paper variant;
+in [0, 1]; 0 everywhere when the baseline alone is sufficient).
 
 >>> result = StructuredAttentionGraph(model).explain_image(x)       # x (1, C, *S)
 >>> result.roots[0].patches, result.roots[0].ratio
@@ -58,71 +71,14 @@ from ..core.perturb import apply_mask, check_baseline, make_baseline
 from ..core.scores import as_targets, check_activation, check_targets, class_score
 from ..core.spatial import adaptive_avg_pool, spatial_dims_of
 from .base import Explainer, forward_only, register
-from .sag_graph import (
-    PatchSet,
-    SAGResult,
-    SAGRoot,
-    build_graph,
-    diverse_subset,
-    upsample_cells,
-)
+from .sag_graph import SAGResult, SAGRoot, build_graph, diverse_subset, upsample_cells
+from .sag_search import InsertionScorer, beam_search, paper_search
+
+#: ``variant`` values: ours (``"default"``) and the authors' published code (``"paper"``).
+VARIANTS = ("default", "paper")
 
 #: I-GOS' smallest mask resolution per axis (explain/igos.py MIN_MASK_SIZE).
 _IGOS_MIN_SIZE = 4
-
-
-class _InsertionScorer:
-    """``ins(S)`` for lists of patch sets of one image, cached, counting model passes.
-
-    ``batched=True`` sends the not-yet-scored sets of one call through the model in chunks
-    of ``batch_size``; ``batched=False`` one image per forward pass.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        baseline: torch.Tensor,
-        target: int,
-        grid: tuple[int, ...],
-        activation: str,
-        batch_size: int,
-        batched: bool,
-    ) -> None:
-        self.model = model
-        self.x = x
-        self.baseline = baseline
-        self.target = int(target)
-        self.grid = grid
-        self.n_patches = int(torch.tensor(grid).prod())
-        self.activation = activation
-        self.chunk = int(batch_size) if batched else 1
-        self.cache: dict[PatchSet, float] = {}
-        self.images = 0
-        self.calls = 0
-
-    @torch.no_grad()
-    def _evaluate(self, sets: list[PatchSet]) -> list[float]:
-        k = len(sets)
-        cells = torch.zeros(k, self.n_patches, device=self.x.device, dtype=self.x.dtype)
-        for row, s in enumerate(sets):
-            if s:
-                cells[row, list(s)] = 1.0
-        masks = upsample_cells(cells, self.grid, self.x.shape[2:])
-        shape = (k, *self.x.shape[1:])
-        inputs = apply_mask(self.x.expand(shape), self.baseline.expand(shape), masks)
-        targets = torch.full((k,), self.target, dtype=torch.long, device=self.x.device)
-        scores = class_score(self.model, inputs, targets, self.activation)
-        self.images += k
-        self.calls += 1
-        return [float(v) for v in scores.cpu()]
-
-    def __call__(self, sets: Sequence[PatchSet]) -> list[float]:
-        todo = list(dict.fromkeys(s for s in sets if s not in self.cache))
-        for start in range(0, len(todo), self.chunk):
-            part = todo[start : start + self.chunk]
-            self.cache.update(zip(part, self._evaluate(part)))
-        return [self.cache[s] for s in sets]
 
 
 @register("sag", "Structured Attention Graphs: minimal sufficient patch sets (beam search)")
@@ -145,7 +101,10 @@ class StructuredAttentionGraph(Explainer):
       16, where a small CNN's forward pass is cheapest per image on a CPU, measured in
       ``benchmarks/sag.py``; raise it on a GPU). The I-GOS heuristic uses chunks of
       ``max(batch_size, 32)`` (its default);
-    - ``activation``: how logits become ``f_c`` (see :func:`medexplain.core.scores.probabilities`).
+    - ``activation``: how logits become ``f_c`` (see :func:`medexplain.core.scores.probabilities`);
+    - ``variant``: ``"default"`` (ours) or ``"paper"`` (the authors' published code: soft
+      patches, TV weight 20 heuristic, their beam walk, raster pruning and graph; module
+      docstring).
 
     ``explain_image`` returns a :class:`SAGResult`; calling the explainer returns the
     score-weighted coverage map of the diverse roots ``(B, 1, *S)`` (module docstring).
@@ -175,8 +134,11 @@ class StructuredAttentionGraph(Explainer):
         batch_size: int = 16,
         seed: int = 0,
         activation: str = "auto",
+        variant: str = "default",
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         grids = (grid,) if isinstance(grid, int) else tuple(grid)
         if not grids or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grids):
             raise ValueError(f"grid must be a positive int or a tuple of them, got {grid!r}")
@@ -215,6 +177,8 @@ class StructuredAttentionGraph(Explainer):
         self.heuristic_steps = heuristic_steps
         self.batched = bool(batched)
         self.activation = activation
+        self.variant = variant
+        self.patch_shape = "bilinear" if variant == "paper" else "block"
         self.last_results: list[SAGResult] = []
 
     # ------------------------------------------------------------------ helpers
@@ -244,6 +208,9 @@ class StructuredAttentionGraph(Explainer):
         size = tuple(min(max(g, _IGOS_MIN_SIZE), n) for g, n in zip(grid, x.shape[2:]))
         if min(size) < _IGOS_MIN_SIZE:  # image smaller than I-GOS' smallest mask: no heuristic
             return torch.zeros(int(torch.tensor(grid).prod())), {}
+        # The authors' heuristic: TV weight 20 at the grid itself (no rescaling with the
+        # mask size) and a line search starting at step 200.
+        paper = {"scale_l2": False, "alpha0": 200.0} if self.variant == "paper" else {}
         igos = IGOS(
             self.model,
             size=size,
@@ -254,6 +221,7 @@ class StructuredAttentionGraph(Explainer):
             activation=self.activation,
             batch_size=max(self.batch_size, 32),
             seed=self.seed,
+            **paper,
         )
         _, trace = igos.explain_with_trace(x, torch.tensor([target], device=x.device))
         assert trace.masks is not None
@@ -276,7 +244,7 @@ class StructuredAttentionGraph(Explainer):
         ``batch_size``."""
         n = int(torch.tensor(grid).prod())
         cells = 1.0 - torch.eye(n, device=x.device, dtype=x.dtype)
-        masks = upsample_cells(cells, grid, x.shape[2:])
+        masks = upsample_cells(cells, grid, x.shape[2:], self.patch_shape)
         baseline = make_baseline(x, self.baseline, self.mean_image)
         shape = (n, *x.shape[1:])
         hidden = apply_mask(x.expand(shape), baseline.expand(shape), masks)
@@ -326,26 +294,47 @@ class StructuredAttentionGraph(Explainer):
         spatial = tuple(int(s) for s in x.shape[2:])
         grid = self.grid_for(spatial)
         baseline = make_baseline(x, self.baseline, self.mean_image)
-        scorer = _InsertionScorer(
-            self.model, x, baseline, target, grid, self.activation, self.batch_size, self.batched
+        scorer = InsertionScorer(
+            self.model,
+            x,
+            baseline,
+            target,
+            grid,
+            self.activation,
+            self.batch_size,
+            self.batched,
+            self.patch_shape,
         )
-        n_patches = scorer.n_patches
-        everything = tuple(range(n_patches))
+        paper = self.variant == "paper"
+        everything = tuple(range(scorer.n_patches))
         probability = scorer([everything])[0]  # phi with every patch visible is x itself
         passes = {"p": scorer.images}
         heuristic, heuristic_passes = self.heuristic(x, target, grid)
         order = torch.argsort(-heuristic, stable=True).tolist()
 
-        need = self.threshold * probability
-        roots = self._search(scorer, order, need, n_patches)
+        search = paper_search if paper else beam_search
+        found = search(
+            scorer,
+            order,
+            self.threshold * probability,
+            self.beam_width,
+            self.candidates,
+            self.max_roots,
+        )
         passes["search"] = scorer.images - passes["p"]
 
-        ranked = sorted(roots, key=lambda s: (-scorer.cache[s], len(s), s))
+        ranked = sorted(found, key=lambda s: (-scorer.cache[s], len(s), s))
         ratio = (lambda s: s / probability) if probability > 0 else (lambda s: 1.0)
         root_list = [SAGRoot(r, scorer.cache[r], ratio(scorer.cache[r])) for r in ranked]
-        diverse = diverse_subset(
-            [r.patches for r in root_list], [r.score for r in root_list], self.max_overlap
-        )
+        if paper:  # the authors' subset: first largest in the order found, shown in that order
+            chosen = diverse_subset(
+                found, [scorer.cache[r] for r in found], self.max_overlap, ties="first"
+            )
+            diverse = [ranked.index(found[i]) for i in chosen]
+        else:
+            diverse = diverse_subset(
+                [r.patches for r in root_list], [r.score for r in root_list], self.max_overlap
+            )
         shown = diverse[: self.max_shown]
         nodes, edges, truncated = build_graph(
             [root_list[i].patches for i in shown],
@@ -353,6 +342,7 @@ class StructuredAttentionGraph(Explainer):
             probability,
             self.child_threshold,
             self.max_nodes,
+            paper=paper,
         )
         passes["graph"] = scorer.images - passes["p"] - passes["search"]
         passes.update(heuristic_passes)
@@ -375,66 +365,21 @@ class StructuredAttentionGraph(Explainer):
             graph_truncated=truncated,
             image=x[0].detach().cpu().clone(),
             baseline=baseline[0].detach().cpu().clone(),
+            variant=self.variant,
+            patch_shape=self.patch_shape,
         )
-
-    def _search(
-        self, scorer: _InsertionScorer, order: list[int], need: float, n_patches: int
-    ) -> list[PatchSet]:
-        """Beam search for minimal sufficient sets; roots in the order they were found."""
-        roots: dict[PatchSet, None] = {}
-        beam: list[PatchSet] = [()]
-        for _depth in range(1, n_patches + 1):
-            successors: list[PatchSet] = []
-            for current in beam:
-                members = set(current)
-                tried = [j for j in order if j not in members][: self.candidates]
-                successors.extend(tuple(sorted((*current, j))) for j in tried)
-            successors = list(dict.fromkeys(successors))
-            if not successors:
-                break
-            scores = scorer(successors)
-            ranking = sorted(range(len(successors)), key=lambda i: -scores[i])
-            next_beam: list[PatchSet] = []
-            for i in ranking:
-                if scores[i] >= need:
-                    members = set(successors[i])
-                    if any(members.issuperset(root) for root in roots):
-                        continue  # holds a known root: pruning would re-find known ground
-                    roots.setdefault(self._prune(scorer, successors[i], need))
-                    if len(roots) > self.max_roots:
-                        return list(roots)
-                elif len(next_beam) < self.beam_width:
-                    next_beam.append(successors[i])
-            if not next_beam:
-                break
-            beam = next_beam
-        return list(roots)
-
-    @staticmethod
-    def _prune(scorer: _InsertionScorer, patches: PatchSet, need: float) -> PatchSet:
-        """Drop patches while the set stays sufficient (each round removes the patch whose
-        removal keeps the highest score); the result is minimal: every child is below."""
-        current = patches
-        while current:
-            children = [tuple(k for k in current if k != j) for j in current]
-            scores = scorer(children)
-            best = max(range(len(children)), key=lambda i: scores[i])
-            if scores[best] < need:
-                break
-            current = children[best]
-        return current
 
 
 def coverage_map(result: SAGResult) -> torch.Tensor:
-    """The ``sag`` explainer's map ``(*S)``: score-weighted fraction of the diverse roots
-    covering each pixel, ``sum_r w_r [pixel in r] / sum_r w_r``, ``w_r = ins(r) / P``."""
+    """The ``sag`` explainer's map ``(*S)``: score-weighted mean of the diverse roots'
+    insertion masks, ``sum_r w_r m_r / sum_r w_r``, ``w_r = ins(r) / P``."""
     total = torch.zeros(result.spatial, dtype=torch.float32)
     weights = 0.0
     for root in result.diverse_roots():
         weight = max(float(root.ratio), 0.0)
         weights += weight
         if root.patches:
-            total += weight * result.patch_mask(root.patches).to(torch.float32)
+            total += weight * result.insertion_mask(root.patches).to(torch.float32)
     return total / weights if weights > 0 else total
 
 

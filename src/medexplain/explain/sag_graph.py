@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 PatchSet = tuple[int, ...]
+
+#: How a patch indicator becomes a pixel mask: ``"block"`` (ours: hard blocks) or
+#: ``"bilinear"`` (the authors': the grid upsampled bilinearly / trilinearly with
+#: corner alignment, so a patch is a tent that spills into its neighbours).
+PATCH_SHAPES = ("block", "bilinear")
 
 #: Format version of :meth:`SAGResult.to_dict`.
 FORMAT_VERSION = 1
@@ -69,7 +75,10 @@ class SAGResult:
       ``search``: beam search and pruning, ``graph``: the graph, ``heuristic_forward`` /
       ``heuristic_backward``: I-GOS); ``forward_passes`` = p + search + graph (the
       heuristic is reported apart); ``forward_calls``: model calls for those images;
-    - ``image``/``baseline``: ``(C, *S)`` CPU tensors, for drawing.
+    - ``image``/``baseline``: ``(C, *S)`` CPU tensors, for drawing;
+    - ``variant``: ``"default"`` or ``"paper"``; ``patch_shape``: ``"block"`` or
+      ``"bilinear"`` (how patches became pixel masks, :func:`upsample_cells`). In the paper
+      variant ``diverse`` and ``shown`` are in the order the roots were found.
     """
 
     target: int
@@ -90,6 +99,8 @@ class SAGResult:
     graph_truncated: bool = False
     image: torch.Tensor | None = None
     baseline: torch.Tensor | None = None
+    variant: str = "default"
+    patch_shape: str = "block"
 
     # ------------------------------------------------------------------ views
     @property
@@ -116,8 +127,13 @@ class SAGResult:
         return sorted(out, key=lambda e: (-self.nodes[e.child].ratio, e.removed))
 
     def patch_mask(self, patches: Sequence[int]) -> torch.Tensor:
-        """Bool mask ``(*spatial)`` of the pixels covered by ``patches``."""
-        return patch_mask(patches, self.grid, self.spatial)
+        """Bool mask ``(*spatial)`` of the pixels covered by ``patches`` (soft patches:
+        where their insertion mask is at least 1/2)."""
+        return patch_mask(patches, self.grid, self.spatial, self.patch_shape)
+
+    def insertion_mask(self, patches: Sequence[int]) -> torch.Tensor:
+        """The mask ``(*spatial)`` in [0, 1] that showed ``patches`` to the model."""
+        return insertion_mask(patches, self.grid, self.spatial, self.patch_shape)
 
     # ------------------------------------------------------------- serialising
     def to_dict(self, include_images: bool = True) -> dict[str, Any]:
@@ -125,6 +141,8 @@ class SAGResult:
         out: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "method": "sag",
+            "variant": self.variant,
+            "patch_shape": self.patch_shape,
             "target": self.target,
             "probability": self.probability,
             "grid": list(self.grid),
@@ -203,6 +221,8 @@ class SAGResult:
             graph_truncated=bool(data.get("graph_truncated", False)),
             image=tensor("image"),
             baseline=tensor("baseline"),
+            variant=str(data.get("variant", "default")),
+            patch_shape=str(data.get("patch_shape", "block")),
         )
 
     def to_json(self, path: str | Path | None = None, include_images: bool = True) -> str:
@@ -230,33 +250,62 @@ def pixel_cells(grid: Sequence[int], spatial: Sequence[int]) -> list[torch.Tenso
     return [torch.arange(int(n)) * int(g) // int(n) for g, n in zip(grid, spatial)]
 
 
-def upsample_cells(cells: torch.Tensor, grid: Sequence[int], spatial: Sequence[int]):
-    """Hard patch indicator ``(K, g**d)`` -> pixel masks ``(K, 1, *spatial)`` (blocks)."""
+def upsample_cells(
+    cells: torch.Tensor, grid: Sequence[int], spatial: Sequence[int], shape: str = "block"
+) -> torch.Tensor:
+    """Patch indicator ``(K, g**d)`` -> pixel masks ``(K, 1, *spatial)``. ``"block"``:
+    nearest-neighbour blocks (:func:`pixel_cells`); ``"bilinear"``: the ``g x g`` (x g)
+    indicator interpolated bilinearly (trilinearly) with corner alignment, as the authors'
+    ``UpsamplingBilinear2d``: patch centres fall on ``i (n - 1) / (g - 1)`` and the patches'
+    masks sum to 1 at every pixel."""
+    if shape not in PATCH_SHAPES:
+        raise ValueError(f"patch shape must be one of {PATCH_SHAPES}, got {shape!r}")
     out = cells.reshape(cells.shape[0], 1, *grid)
+    if shape == "bilinear":
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(grid)]
+        size = tuple(int(n) for n in spatial)
+        return F.interpolate(out, size=size, mode=mode, align_corners=True)
     for axis, index in enumerate(pixel_cells(grid, spatial)):
         out = out.index_select(2 + axis, index.to(cells.device))
     return out
 
 
-def patch_mask(patches: Sequence[int], grid: Sequence[int], spatial: Sequence[int]):
-    """Bool mask ``(*spatial)`` of the pixels of ``patches``."""
+def insertion_mask(
+    patches: Sequence[int], grid: Sequence[int], spatial: Sequence[int], shape: str = "block"
+) -> torch.Tensor:
+    """Mask ``(*spatial)`` in [0, 1] showing ``patches`` (:func:`upsample_cells`)."""
     n = 1
     for g in grid:
         n *= int(g)
     cells = torch.zeros(1, n)
     cells[0, list(patches)] = 1.0
-    return upsample_cells(cells, grid, spatial)[0, 0] > 0
+    return upsample_cells(cells, grid, spatial, shape)[0, 0]
+
+
+def patch_mask(
+    patches: Sequence[int], grid: Sequence[int], spatial: Sequence[int], shape: str = "block"
+) -> torch.Tensor:
+    """Bool mask ``(*spatial)`` of the pixels of ``patches``: the block, or for soft patches
+    the pixels where their insertion mask is at least 1/2."""
+    return insertion_mask(patches, grid, spatial, shape) >= 0.5 - 1e-6
 
 
 # ---------------------------------------------------------------- diverse subset
 def diverse_subset(
-    sets: Sequence[Sequence[int]], scores: Sequence[float], max_overlap: int = 1
+    sets: Sequence[Sequence[int]],
+    scores: Sequence[float],
+    max_overlap: int = 1,
+    ties: str = "score",
 ) -> list[int]:
     """Indices of the largest subset of ``sets`` whose members pairwise share at most
-    ``max_overlap`` elements; ties go to the highest total score, then to the earliest
-    indices. Exact (a maximum-clique search on the compatibility graph with size pruning):
-    SAG applies it to at most ``max_roots + 1`` roots (11 by default), where it is instant.
-    Returned best score first (ties: earlier index)."""
+    ``max_overlap`` elements. ``ties="score"`` (ours): ties go to the highest total score,
+    then to the earliest indices, returned best score first (ties: earlier index);
+    ``ties="first"`` (the authors' depth-first search): the lexicographically first largest
+    subset of indices, returned in index order. Exact (a maximum-clique search on the
+    compatibility graph with size pruning): SAG applies it to at most a few dozen roots
+    (11 by default), where it is instant."""
+    if ties not in ("score", "first"):
+        raise ValueError(f"ties must be 'score' or 'first', got {ties!r}")
     if len(sets) != len(scores):
         raise ValueError(f"{len(sets)} sets but {len(scores)} scores")
     n = len(sets)
@@ -267,7 +316,7 @@ def diverse_subset(
 
     def grow(chosen: list[int], candidates: list[int], total: float) -> None:
         nonlocal best, best_key
-        key = (len(chosen), total)
+        key = (len(chosen), total if ties == "score" else 0.0)
         if key > best_key:
             best, best_key = list(chosen), key
         if len(chosen) + len(candidates) < best_key[0]:
@@ -279,6 +328,8 @@ def diverse_subset(
             chosen.pop()
 
     grow([], list(range(n)), 0.0)
+    if ties == "first":
+        return sorted(best)
     return sorted(best, key=lambda i: (-float(scores[i]), i))
 
 
@@ -289,15 +340,21 @@ def build_graph(
     probability: float,
     child_threshold: float = 0.4,
     max_nodes: int = 200,
+    paper: bool = False,
 ) -> tuple[list[SAGNode], list[SAGEdge], bool]:
     """Grow the SAG from ``roots`` level by level (METHODS.md 3).
 
-    A child is its parent minus one patch; it becomes a node when
-    ``score(child) / P > child_threshold`` and is expanded in turn. Nodes reached from
-    several parents (or roots) are kept once, with one edge per parent. All children of a
-    level are scored in one call of ``score_sets`` (batched by the caller). At most
-    ``max_nodes`` nodes (roots included) are kept; the third return value says whether the
-    cap cut the graph.
+    A child is its parent minus one patch. Ours (``paper=False``): every patch of a node is
+    removed in turn, and a child becomes a node when ``score(child) / P > child_threshold``
+    and is expanded in turn. The authors' (``paper=True``): only the first three patches of
+    a node (raster order) are removed, every such child becomes a node (the low-score
+    leaves show which patch breaks the decision), a child is expanded only when its ratio is
+    above ``child_threshold``, and a one-patch node has no children. Nodes reached from
+    several parents (or roots) are kept once, with one edge per parent (the authors draw a
+    tree in which such a node is repeated under each parent; the nodes and edges are the
+    same). All children of a level are scored in one call of ``score_sets`` (batched by the
+    caller). At most ``max_nodes`` nodes (roots included) are kept; the third return value
+    says whether the cap cut the graph.
     """
     if probability > 0:
 
@@ -308,6 +365,11 @@ def build_graph(
         def ratio(s: float) -> float:
             return 1.0
 
+    def removable(parent: PatchSet) -> PatchSet:
+        if not paper:
+            return parent
+        return parent[:3] if len(parent) > 1 else ()
+
     index: dict[PatchSet, int] = {}
     nodes: list[SAGNode] = []
     edges: list[SAGEdge] = []
@@ -315,15 +377,15 @@ def build_graph(
     for root, score in zip(unique_roots, score_sets(unique_roots)):
         index[root] = len(nodes)
         nodes.append(SAGNode(root, score, ratio(score), 0))
-    frontier = list(unique_roots)
+    frontier = [r for r in unique_roots if not paper or nodes[index[r]].ratio > child_threshold]
     truncated = False
     level = 0
     while frontier:
         if len(nodes) >= max_nodes:
-            truncated = any(len(p) > 0 for p in frontier)
+            truncated = any(len(removable(p)) > 0 for p in frontier)
             break
         level += 1
-        moves = [(p, j, tuple(k for k in p if k != j)) for p in frontier for j in p]
+        moves = [(p, j, tuple(k for k in p if k != j)) for p in frontier for j in removable(p)]
         if not moves:
             break
         children = list(dict.fromkeys(child for _, _, child in moves))
@@ -331,7 +393,7 @@ def build_graph(
         next_frontier: list[PatchSet] = []
         for parent, removed, child in moves:
             r = ratio(scores[child])
-            if not r > child_threshold:
+            if not paper and not r > child_threshold:
                 continue
             if child not in index:
                 if len(nodes) >= max_nodes:
@@ -339,7 +401,8 @@ def build_graph(
                     continue
                 index[child] = len(nodes)
                 nodes.append(SAGNode(child, scores[child], r, level))
-                next_frontier.append(child)
+                if r > child_threshold:
+                    next_frontier.append(child)
             parent_node = nodes[index[parent]]
             edges.append(SAGEdge(index[parent], index[child], removed, parent_node.ratio - r))
         frontier = next_frontier
