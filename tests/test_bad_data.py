@@ -35,7 +35,7 @@ BAD = {
     "inf.npy": "NaN/Inf",
     "larger.npy": "has shape (20, 20)",
     "volume.npy": "is 3D",
-    "four_d.nii.gz": "3 channel(s)",  # its 4th axis reads as channels
+    "four_d.nii.gz": "fourth axis is read as channels",
     "rgba.png": "3 channel(s)",
 }
 #: Unusual but good files: explained like any other.

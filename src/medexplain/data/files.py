@@ -299,9 +299,14 @@ class ImageDataset(Dataset):
         if want is None:
             ref = self._reference()
             if have != ref.channels:
+                fix = (
+                    "a 4D NIfTI's fourth axis is read as channels: give one volume per file"
+                    if ".nii" in path.name.lower() and have > 1
+                    else "pass --channels 1 (grey) or 3 (RGB) (channels= in Python) to "
+                    "convert them all"
+                )
                 raise DataError(
-                    f"{path} has {have} channel(s) but {ref.path} has {ref.channels}; pass "
-                    "--channels 1 (grey) or 3 (RGB) (channels= in Python) to convert them all"
+                    f"{path} has {have} channel(s) but {ref.path} has {ref.channels}; {fix}"
                 )
             return array
         if have == want:
