@@ -205,3 +205,22 @@ def test_failing_checks_are_marked(run2d):
     assert "<li class='fail'><b>FAIL</b> PEPPR erase below random" in page
     assert "<li class='pass'><b>PASS</b> PEPPR restore above random" in page
     assert re.search(r"<li class='fail'><b>FAIL</b> sanity[^<]*: ρ = 0.900", page)
+
+
+def test_viewer_keeps_colour_photographs_in_rgb_and_thin_volumes_grey():
+    from medexplain.report.viewer import viewer_html
+
+    rng = np.random.default_rng(2)
+    photo = rng.random((3, 10, 12))
+    data = _viewer_data(viewer_html(photo, {"m": (False, {"g": rng.random((10, 12))})}))
+    assert data["rgb"] and len(base64.b64decode(data["background"])) == 3 * 10 * 12
+    thin = rng.random((1, 9, 7, 3))  # a volume whose last axis happens to hold 3 slices
+    data = _viewer_data(viewer_html(thin, {"m": (True, {"g": rng.normal(size=(9, 7, 3))})}))
+    assert not data["rgb"] and data["shape"] == [9, 7, 3]
+    assert len(base64.b64decode(data["background"])) == 9 * 7 * 3
+    # a budget below the data downsamples by block means: 2x per axis here
+    big = rng.random((1, 40, 40, 40))
+    data = _viewer_data(
+        viewer_html(big, {"m": (False, {"g": big[0]})}, budget=2 * 20**3, max_size=128)
+    )
+    assert data["factor"] == 2 and data["shape"] == [20, 20, 20]

@@ -53,13 +53,13 @@ def view_names(letters: Sequence[tuple[str, str]]) -> list[str]:
     return [_VIEW_OF.get(positive, "axial") for _, positive in letters]
 
 
-def downsample(array: np.ndarray, factor: int) -> np.ndarray:
-    """Block means over ``factor`` voxels per axis of ``(*S)`` or ``(*S, 3)`` (RGB) data;
-    edge blocks are averaged over the voxels they hold (``ceil(n / factor)`` per axis)."""
+def downsample(array: np.ndarray, factor: int, rgb: bool = False) -> np.ndarray:
+    """Block means over ``factor`` voxels per axis of ``(*S)`` data, or ``(*S, 3)`` with
+    ``rgb``; edge blocks are averaged over the voxels they hold (``ceil(n / factor)`` per
+    axis)."""
     if factor <= 1:
         return np.asarray(array, dtype=np.float64)
     tensor = torch.as_tensor(np.asarray(array, dtype=np.float64))
-    rgb = tensor.ndim in (3, 4) and tensor.shape[-1] == 3 and tensor.ndim - 1 in (2, 3)
     batch = tensor.movedim(-1, 0) if rgb else tensor[None]
     pool = torch.nn.functional.avg_pool3d if batch.ndim == 4 else torch.nn.functional.avg_pool2d
     pooled = pool(batch[None], factor, ceil_mode=True, count_include_pad=False)[0]
@@ -115,7 +115,7 @@ def viewer_html(
     initial_group: str | None = None,
     cut: Sequence[int] | None = None,
     budget: int = BUDGET,
-    max_size: int = 128,
+    max_size: int | None = None,
 ) -> str:
     """The viewer's HTML (controls, canvases, data and script) for maps over one image.
 
@@ -123,16 +123,18 @@ def viewer_html(
     methods: name -> (signed, {group name: map ``(*S)``}); every map of a method shares one
     colour scale (its largest |value|), diverging (``RdBu_r``) when signed, sequential
     (``inferno``) otherwise. ``cut``: the voxel the 3D views start at (default the centre).
-    Arrays are block-averaged to at most ``max_size`` samples per axis and ``budget`` bytes.
+    Arrays are block-averaged to at most ``max_size`` samples per axis (default 256 for
+    images, 128 for volumes) and ``budget`` bytes in all.
     """
     background = np.asarray(background, dtype=np.float64)
     spatial = background.shape[1:]
     ndim = len(spatial)
     rgb = background.shape[0] == 3
     n_arrays = sum(len(groups) for _, groups in methods.values()) + (3 if rgb else 1)
+    max_size = max_size or (128 if ndim == 3 else 256)
     factor = _factor(spatial, n_arrays, max_size, budget)
     image = np.moveaxis(background, 0, -1) if rgb else background.mean(axis=0)
-    image = _grey(downsample(image, factor))
+    image = _grey(downsample(image, factor, rgb=rgb))
     shape = list(image.shape[:ndim])
     encoded = {
         name: _encode(groups, signed, spatial, factor) for name, (signed, groups) in methods.items()
