@@ -80,6 +80,15 @@ def metrics_table(
     return f"<table><tr><th>method</th>{head}</tr>{''.join(body)}</table>"
 
 
+def plain_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An HTML table of ``rows`` under ``header``, every cell escaped as text."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def write_report(
     path: str | Path,
     *,

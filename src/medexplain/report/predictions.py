@@ -3,13 +3,13 @@ a probability histogram per class, and which images a report shows as examples."
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .figures import _figure, _save
+from .html import plain_table
 
 __all__ = [
     "choose_examples",
@@ -83,14 +83,6 @@ def choose_examples(
     return list(chosen.items())
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def predictions_html(
     class_names: Sequence[str], labels: np.ndarray, preds: np.ndarray, multilabel: bool
 ) -> str:
@@ -103,7 +95,7 @@ def predictions_html(
             (name, int(labels[:, c].sum()), int(preds[:, c].sum()))
             for c, name in enumerate(class_names)
         ]
-        return _table(("class", "positive labels", "positive predictions"), rows)
+        return plain_table(("class", "positive labels", "positive predictions"), rows)
     labelled = labels >= 0
     counts = [
         (
@@ -113,14 +105,14 @@ def predictions_html(
         )
         for c, name in enumerate(class_names)
     ]
-    body = _table(("class", "images labelled", "images predicted"), counts)
+    body = plain_table(("class", "images labelled", "images predicted"), counts)
     if labelled.any():
         matrix = confusion_matrix(labels, preds, k)
         rows = [(f"true {name}", *matrix[c].tolist()) for c, name in enumerate(class_names)]
         accuracy = np.trace(matrix) / matrix.sum()
         body += "<p>Confusion matrix (rows: true class, columns: predicted class); accuracy "
         body += f"{accuracy:.3f} on {int(matrix.sum())} labelled image(s).</p>"
-        body += _table(("", *[f"pred. {n}" for n in class_names]), rows)
+        body += plain_table(("", *[f"pred. {n}" for n in class_names]), rows)
     return body
 
 

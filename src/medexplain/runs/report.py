@@ -19,8 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.errors import one_line
 from ..core.serialise import json_safe
+from ..data.readers import DataError
 from .aggregate import BY, accumulate
+from .errors import RunError
 from .settings import open_data, open_run, settings_of
 from .store import RunStore
 
@@ -44,8 +47,6 @@ def _predictions(store: RunStore, record: dict[str, Any]):
             rows.append(int(chunk.index[j]))
             paths.append(str(chunk.path[j]))
     if not rows:
-        from .errors import RunError
-
         raise RunError(f"{store.root} holds no explained image yet; run explain first")
     return np.stack(labels), np.stack(preds), np.stack(scores), rows, paths, where
 
@@ -102,11 +103,12 @@ def _examples(store, record, where, chosen, method: str, log) -> list:
                 examples.append((position, int(chunk.index[j]), heat))
     try:
         dataset = open_data(settings_of(record))
-    except Exception as error:  # the data moved or changed: draw the maps over the mean
-        log(f"notice: the report draws examples over the mean image ({error})")
+    except (DataError, RunError, OSError, ValueError) as error:  # the data moved or changed
+        log(f"notice: the report draws the examples over the mean image ({one_line(error)})")
         dataset = None
+    order = {position: rank for rank, (position, _) in enumerate(chosen)}
     out = []
-    for position, row, heat in sorted(examples, key=lambda e: [p for p, _ in chosen].index(e[0])):
+    for position, row, heat in sorted(examples, key=lambda e: order[e[0]]):
         image = None
         if dataset is not None:
             item, _ = dataset.try_get(row)
@@ -157,7 +159,7 @@ def _seconds(value: Any) -> str:
 
 def _run_section(store: RunStore, record: dict[str, Any], errors: list) -> str:
     """Settings, model, data, timings and the errors summary."""
-    from ..report.predictions import _table
+    from ..report.html import plain_table
 
     settings = record["settings"]
     summary = record.get("last_explain", {})
@@ -190,7 +192,7 @@ def _run_section(store: RunStore, record: dict[str, Any], errors: list) -> str:
         ),
         ("images not explained", f"{len(errors)} (errors.csv)"),
     ]
-    body = _table(("setting", "value"), rows)
+    body = plain_table(("setting", "value"), rows)
     other = {
         k: v
         for k, v in settings.items()
