@@ -156,7 +156,7 @@ CASES = [
     ("target not a class", _with("--target", "best"), ["--target", "'best'", "predicted"]),
     ("channels 5", _with("--channels", "5"), ["--channels", "1 (grey) or 3 (RGB)"]),
     ("shape not sizes", _with("--shape", "abc"), ["--shape", "64,64", "'abc'"]),
-    ("normalise unknown", _with("--normalise", "zz"), ["normalise", "zscore", "'zz'"]),
+    ("normalise unknown", _with("--normalise", "zz"), ["--normalise", "zscore", "'zz'"]),
     ("data missing", _with("--data", "{root}/none.csv"), ["none.csv", "does not exist"]),
     ("empty CSV", _with("--data", "{root}/empty.csv"), ["empty.csv", "is empty", "'path'"]),
     (

@@ -175,8 +175,21 @@ DataOpt = Annotated[Path, typer.Option(help="CSV manifest or folder of images.")
 ShapeOpt = Annotated[
     str | None, typer.Option(help="Resample every image to this shape, e.g. 224,224.")
 ]
+def check_normalise(value: str) -> str:
+    """``--normalise``: one of the intensity normalisations of :mod:`medexplain.data`."""
+    from ..data.intensity import NORMALISATIONS
+
+    if value not in NORMALISATIONS:
+        raise typer.BadParameter(f"expected one of {', '.join(NORMALISATIONS)}, got {value!r}")
+    return value
+
+
 NormaliseOpt = Annotated[
-    str, typer.Option(help="Intensity normalisation: none, minmax, zscore, percentile, range.")
+    str,
+    typer.Option(
+        help="Intensity normalisation: none, minmax, zscore, percentile, range.",
+        callback=check_normalise,
+    ),
 ]
 
 
