@@ -175,6 +175,8 @@ DataOpt = Annotated[Path, typer.Option(help="CSV manifest or folder of images.")
 ShapeOpt = Annotated[
     str | None, typer.Option(help="Resample every image to this shape, e.g. 224,224.")
 ]
+
+
 def check_normalise(value: str) -> str:
     """``--normalise``: one of the intensity normalisations of :mod:`medexplain.data`."""
     from ..data.intensity import NORMALISATIONS
