@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The pinned CPU wheel first: anything looser pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,cohorts,onnx]'
+	$(BIN)/pip install --quiet -e '.[dev,cohorts,onnx,ray]'
 	$(MAKE) cohort-data
 	touch $(STAMP)
 

@@ -32,6 +32,39 @@ from .app import (
     parse_shape,
 )
 
+EngineOpt = Annotated[
+    str,
+    typer.Option(help="local (this process) or ray (Ray actors; pip install 'medexplain[ray]')."),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Ray cluster: 'auto' (this node joined it with `ray start`) or ray://HOST:10001 "
+        "(default: start a Ray on this machine)."
+    ),
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option(help="Ray actors (default: as many as the cluster's CPUs hold).")
+]
+GpusOpt = Annotated[float, typer.Option(help="GPUs each Ray actor reserves (with --device).")]
+
+
+def _ray_options(engine: str, address: str | None, workers: int | None, gpus: float):
+    """RayOptions for ``--engine ray``, None for the local engine (a usage error names a Ray
+    option given without ``--engine ray``)."""
+    if engine not in ("local", "ray"):
+        raise fail(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local":
+        if address is not None or workers is not None or gpus:
+            raise fail("--address, --workers and --gpus-per-worker need --engine ray")
+        return None
+    from ..runs.ray_engine import RayOptions, import_ray
+
+    import_ray()
+    options = RayOptions(address=address, workers=workers, gpus_per_worker=gpus)
+    options.check()
+    return options
+
 
 # Over 80 lines only because Typer declares each of its 20 options in the signature.
 @app.command()
@@ -92,6 +125,10 @@ def explain(
         ),
     ] = None,
     progress: ProgressOpt = True,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusOpt = 0.0,
 ) -> None:
     """Explain every image of a dataset into a resumable run folder.
 
@@ -101,10 +138,17 @@ def explain(
 
     Example: medexplain explain --model cnn.pt --model-factory lab.nets:cnn --data t1.csv
     --method integrated_gradients --param n_steps=32 --out runs/ad
+    (add --engine ray --address auto to explain on a Ray cluster)
     """
-    from ..runs import ExplainSettings, explain_run, global_run
+    from ..runs import ExplainSettings, accumulate, explain_run, global_run
 
     check_out_folder(out)
+    ray_options = _ray_options(engine, address, workers, gpus_per_worker)
+    engine_object, accumulator = None, accumulate
+    if ray_options is not None:
+        from ..runs.ray_engine import RayEngine, ray_accumulator
+
+        engine_object, accumulator = RayEngine(ray_options), ray_accumulator(ray_options)
     params = parse_params(param)
     _check_method_params(method, params)
     settings = ExplainSettings(
@@ -128,7 +172,12 @@ def explain(
         nifti_maps=nifti_maps,
     )
     summary = explain_run(
-        settings, out, overwrite=overwrite, progress=progress, log=lambda m: console.print(m)
+        settings,
+        out,
+        overwrite=overwrite,
+        progress=progress,
+        log=lambda m: console.print(m),
+        engine=engine_object,
     )
     if summary["n_done"] == 0:
         raise fail(
@@ -143,7 +192,7 @@ def explain(
     if global_maps:
         _warn_alignment(settings)
         with holding(out, "global"):
-            global_run(out, log=lambda m: console.print(m))
+            global_run(out, log=lambda m: console.print(m), accumulator=accumulator)
         console.print(f"global maps: {out / 'global'}")
 
 

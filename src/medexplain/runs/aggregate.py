@@ -24,12 +24,13 @@ from ..core.errors import one_line
 from ..data.readers import DataError, load_image
 from ..globalmaps import GlobalMaps, GlobalResult
 from .atomic import atomic_write_bytes, atomic_write_text
+from .chunk import Chunk
 from .errors import RunError
 from .nifti_maps import AFFINE_TOL, SharedGrid, shared_grid
 from .settings import open_run
 from .store import RunStore
 
-__all__ = ["BY", "accumulate", "global_run"]
+__all__ = ["BY", "accumulate", "add_chunk", "global_run"]
 
 BY = ("label", "prediction", "outcome")
 
@@ -51,23 +52,25 @@ def accumulate(
         kinds=kinds,
     )
     for chunk in store.iter_chunks():
-        if len(chunk) == 0:
-            continue
-        maps = torch.from_numpy(chunk.maps)
-        preds = torch.from_numpy(chunk.pred)
-        labels = torch.from_numpy(chunk.label)
-        if record["multilabel"]:
-            acc.update(maps, labels, preds)
-            continue
-        labelled = labels >= 0
-        if bool(labelled.all()):
-            acc.update(maps, labels, preds)
-        else:
-            acc.update(maps[labelled], labels[labelled], preds[labelled])
-            acc.update(maps[~labelled], None, preds[~labelled])
+        add_chunk(acc, chunk, record["multilabel"])
     if acc.count == 0:
         raise RunError(f"{store.root} holds no explained image yet; run explain first")
     return acc
+
+
+def add_chunk(acc: GlobalMaps, chunk: Chunk, multilabel: bool) -> None:
+    """Add a chunk's maps to ``acc`` (an unlabelled image joins the prediction groups only)."""
+    if len(chunk) == 0:
+        return
+    maps = torch.from_numpy(chunk.maps)
+    preds = torch.from_numpy(chunk.pred)
+    labels = torch.from_numpy(chunk.label)
+    labelled = labels >= 0
+    if multilabel or bool(labelled.all()):
+        acc.update(maps, labels, preds)
+    else:
+        acc.update(maps[labelled], labels[labelled], preds[labelled])
+        acc.update(maps[~labelled], None, preds[~labelled])
 
 
 def _display_mean(store: RunStore) -> np.ndarray | None:
@@ -162,6 +165,7 @@ def global_run(
     mask: str | os.PathLike | None = None,
     alpha: float = 0.05,
     log=print,
+    accumulator=accumulate,
 ) -> GlobalResult:
     """Global maps of a run into ``RUN/global/`` (``.npy``, ``index.json``, NIfTI for 3D
     when every image shares one affine, with it and the first source's header codes) and
@@ -170,7 +174,8 @@ def global_run(
     tested inside ``mask`` only (a NIfTI or ``.npy`` path on the maps' grid) with
     Benjamini-Hochberg FDR level ``alpha``. ``by`` None: ``label`` when the run has labels,
     else ``prediction``; ``label`` or ``outcome`` without labels is refused. Options are
-    checked before anything is written (RunError)."""
+    checked before anything is written (RunError). ``accumulator``: :func:`accumulate` or a
+    function with its signature (e.g. one that merges chunks accumulated on Ray workers)."""
     from ..report.figures import plot_global_maps
 
     if by is not None and by not in BY:
@@ -183,7 +188,7 @@ def global_run(
     grid = shared_grid(store)
     spatial = tuple(record["spatial_shape"])
     inside = None if mask is None else load_mask(mask, spatial, grid)
-    acc = accumulate(store, record, (by,), normalise, transform)
+    acc = accumulator(store, record, (by,), normalise, transform)
     result = acc.result()
     for name in contrast or ():  # unknown groups are refused before anything is written
         try:
