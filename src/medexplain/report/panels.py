@@ -5,8 +5,9 @@ diverging colour map (``RdBu_r``, symmetric about 0), a magnitude in a sequentia
 (``inferno``, from 0); the opacity of the overlay grows with |value| so weak attributions
 leave the anatomy visible. Every panel of one figure shares the scale, shown by one colour
 bar. A volume ``(X, Y, Z)`` is drawn as three orthogonal slices (axial, coronal, sagittal)
-through one voxel, each upright (see :mod:`medexplain.report.viewer` for the axis
-conventions) with the orientation letters of its four edges.
+through one voxel (:func:`mass_cut`: per axis, the slice holding most of the map), each
+upright (see :mod:`medexplain.report.viewer` for the axis conventions) with the
+orientation letters of its four edges.
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .figures import _figure, _save, upright
+from .figures import _save, upright
 from .viewer import axis_letters, view_names
 
-__all__ = ["peak_voxel", "plot_examples_panels", "plot_group_panels", "slice_view"]
+__all__ = ["mass_cut", "peak_voxel", "plot_examples_panels", "plot_group_panels", "slice_view"]
+
+
+def mass_cut(volume: np.ndarray) -> tuple[int, ...]:
+    """Per axis, the slice holding the most |value| of ``(*S)`` (the centre for an all-zero
+    array): the cut of the orthogonal views, through where most of a map lies rather than
+    through one extreme voxel (a marker or an edge artefact)."""
+    magnitude = np.abs(np.asarray(volume, dtype=np.float64))
+    if not magnitude.max() > 0:
+        return tuple(n // 2 for n in magnitude.shape)
+    axes = range(magnitude.ndim)
+    return tuple(int(np.argmax(magnitude.sum(axis=tuple(b for b in axes if b != a)))) for a in axes)
 
 
 def peak_voxel(volume: np.ndarray) -> tuple[int, ...]:
@@ -88,6 +100,13 @@ def _ortho_order(letters: Sequence[tuple[str, str]]) -> list[int]:
     return sorted(range(3), key=lambda a: names[a])
 
 
+def _constrained(figsize: tuple[float, float]):
+    """A figure whose layout keeps titles, panels and the colour bar apart."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
 def _colour_bar(fig, axes, norm, cmap: str, label: str) -> None:
     from matplotlib.cm import ScalarMappable
 
@@ -114,7 +133,7 @@ def plot_group_panels(
 
     background: ``(C, *S)``; maps: name -> ``(*S)``. 2D: a grid of ``columns`` panels per
     row. 3D: one row per map with its axial, coronal and sagittal slices through ``cut``
-    (default: the voxel of the largest |value| over all maps), or with ``axial_only`` a grid
+    (default: :func:`mass_cut` of the maps' summed |values|), or with ``axial_only`` a grid
     of axial slices; every slice carries its orientation letters (:func:`axis_letters`).
     regions: name -> ``(*S)`` bool, outlined in cyan on that map's panels.
     """
@@ -127,7 +146,7 @@ def plot_group_panels(
         letters = axis_letters(affine)
         order = _ortho_order(letters)
         if cut is None:
-            cut = peak_voxel(np.max(np.abs(np.stack(arrays)), axis=0))
+            cut = mass_cut(np.sum(np.abs(np.stack(arrays)), axis=0))
         panels = [
             (name, array, axis)
             for name, array in zip(names, arrays)
@@ -138,7 +157,7 @@ def plot_group_panels(
         panels = [(name, array, None) for name, array in zip(names, arrays)]
         per_row = min(columns, len(panels))
     rows = -(-len(panels) // per_row)
-    fig = _figure(figsize=(2.2 * per_row + 0.8, 2.3 * rows + (0.4 if title else 0.1)))
+    fig = _constrained(figsize=(2.2 * per_row + 0.8, 2.4 * rows + (0.4 if title else 0.1)))
     axes = fig.subplots(rows, per_row, squeeze=False)
     view = view_names(axis_letters(affine)) if ndim == 3 else []
     regions = regions or {}
@@ -183,7 +202,8 @@ def plot_examples_panels(
     colour bar: the fraction of the image's peak).
 
     examples: (image ``(C, *S)``, map ``(*S)``, title). 2D: a grid of ``columns`` panels.
-    3D: one row per image, its axial, coronal and sagittal slices through the map's peak.
+    3D: one row per image, its axial, coronal and sagittal slices through the map's
+    :func:`mass_cut`.
     """
     from matplotlib.colors import Normalize
 
@@ -191,7 +211,7 @@ def plot_examples_panels(
     ndim = np.asarray(examples[0][1]).ndim
     per_row = 3 if ndim == 3 else min(columns, len(examples))
     rows = len(examples) if ndim == 3 else -(-len(examples) // per_row)
-    fig = _figure(figsize=(2.0 * per_row + 0.8, 2.3 * rows))
+    fig = _constrained(figsize=(2.0 * per_row + 0.8, (2.9 if ndim == 3 else 2.5) * rows))
     axes = fig.subplots(rows, per_row, squeeze=False)
     letters = axis_letters(affine) if ndim == 3 else []
     for number, (background, heat, title) in enumerate(examples):
@@ -202,7 +222,7 @@ def plot_examples_panels(
         if ndim == 2:
             _draw(axes.flat[number], image, heat, norm, cmap, title)
             continue
-        voxel = peak_voxel(heat)
+        voxel = mass_cut(heat)
         for col, axis in enumerate(_ortho_order(letters)):
             ax = axes[number, col]
             index = voxel[axis]
@@ -212,7 +232,7 @@ def plot_examples_panels(
                 slice_view(heat, axis, index),
                 norm,
                 cmap,
-                title if col == 0 else f"{view_names(letters)[axis]} {index}",
+                (f"{title}\n" if col == 0 else "") + f"{view_names(letters)[axis]} {index}",
             )
             _letters(ax, letters, axis)
     for ax in list(axes.flat)[len(examples) if ndim == 2 else rows * 3 :]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .html import embed_png
-from .panels import peak_voxel, plot_examples_panels, plot_group_panels
+from .panels import mass_cut, plot_examples_panels, plot_group_panels
 from .predictions import (
     choose_examples,
     confidence,
@@ -122,7 +122,8 @@ def examples_section(data: ReportData, figures: Path) -> str:
     parts = [
         "<p class='note'>Each map over its own image, divided by its own peak |value|; the "
         "title gives the image, the predicted class with its probability and the true "
-        "class. 3D: axial, coronal and sagittal slices through the map's peak.</p>"
+        "class. 3D: axial, coronal and sagittal slices through the slices holding most of the"
+        " map.</p>"
     ]
     for method, maps in data.methods.items():
         for why in ("most confident", "least confident", "misclassified"):
@@ -215,7 +216,7 @@ def viewer_section(data: ReportData) -> str:
     initial = next((g for g in first if g.startswith("label: ")), None)
     maps = next(iter(data.methods.values()))
     overall = maps.groups.get(("overall",))
-    cut = peak_voxel(overall) if overall is not None and overall.ndim == 3 else None
+    cut = mass_cut(overall) if overall is not None and overall.ndim == 3 else None
     return (
         "<p>Switch the method and the group; the threshold hides values below that fraction "
         "of the method's largest |value|.</p>"
