@@ -31,7 +31,7 @@ from medexplain.runs import ExplainSettings, RunStore, explain_run, global_run  
 from medexplain.runs.ray_engine import RayEngine, RayOptions, ray_accumulator  # noqa: E402
 
 N_IMAGES = 24
-METHOD, PARAMS = "integrated_gradients", {"n_steps": 32}
+METHOD, PARAMS = "integrated_gradients", {"n_steps": 16}
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +263,13 @@ def test_ray_options_without_engine_ray_are_refused(data, tmp_path):
     args += ["--method", "saliency", "--out", str(tmp_path / "run"), "--workers", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "--engine ray" in result.output
+
+
+def test_local_engine_and_the_cli_do_not_import_ray():
+    code = (
+        "import sys, medexplain.cli.run_commands, medexplain.runs.ray_engine, medexplain.runs; "
+        "print('ray' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -14,7 +14,8 @@ chunk at a time (:mod:`medexplain.runs.store`), global maps and metrics stream t
 
 Modules: :mod:`.settings` (what was asked; opening model, data, explainer), :mod:`.store`
 (the run folder), :mod:`.chunk`, :mod:`.atomic`, :mod:`.errors`, :mod:`.explain`,
-:mod:`.aggregate` (global maps), :mod:`.evaluate`, :mod:`.report`.
+:mod:`.aggregate` (global maps), :mod:`.evaluate`, :mod:`.report`, :mod:`.ray_engine`
+(``explain --engine ray``: Ray actors fill the chunks; Ray is imported only when it runs).
 """
 
 from .aggregate import BY, accumulate, global_run
