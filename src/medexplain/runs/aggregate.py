@@ -97,7 +97,10 @@ def _grouping(by: str | None, store: RunStore, record: dict[str, Any], log) -> s
     if labelled:
         return by or "label"
     if by is None:
-        log(f"notice: the run {store.root} is unlabelled; global maps are grouped by prediction")
+        if store.count():  # an empty run is not unlabelled: the accumulator names it
+            log(
+                f"notice: the run {store.root} is unlabelled; global maps are grouped by prediction"
+            )
         return "prediction"
     if by != "prediction":
         raise RunError(
