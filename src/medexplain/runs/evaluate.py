@@ -13,6 +13,7 @@ import torch
 
 from ..core.serialise import json_safe
 from ..data.files import ImageDataset
+from ..explain.base import forward_only
 from ..globalmaps import GlobalResult
 from .aggregate import global_run
 from .atomic import atomic_write_text
@@ -38,7 +39,8 @@ def _done_batches(
     limit: int | None,
     multilabel: bool,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, y)`` batches of the run's labelled explained images, re-read from the data."""
+    """``(x, y)`` batches of the run's explained images, re-read from the data; an image
+    without a label is scored against the model's own prediction of it."""
     xs, ys, seen = [], [], 0
     for chunk in store.iter_chunks(maps=False):
         for j, index in enumerate(chunk.index.tolist()):
@@ -46,12 +48,12 @@ def _done_batches(
                 break
             label = chunk.label[j]
             if not multilabel and int(label) < 0:
-                continue
+                label = chunk.pred[j]
             item, _ = dataset.try_get(index)
             if item is None:
                 continue
             xs.append(item["image"])
-            ys.append(item["label"])
+            ys.append(torch.as_tensor(label))
             seen += 1
             if len(xs) == batch_size:
                 yield torch.stack(xs), torch.stack(ys)
@@ -136,6 +138,10 @@ def _peppr_section(
         ranking = result.overall.mean.float()
     mean = store.mean_image()
     multilabel = record["multilabel"]
+    names = record["class_names"]
+    if len(record["model"].get("labels") or names) == 1:
+        names = names[-1:]  # one logit: its groups are 'not <label>' and '<label>'
+
     peppr_result = peppr_many(
         run.model,
         _done_batches(store, run.dataset, batch_size, limit, multilabel),
@@ -147,12 +153,13 @@ def _peppr_section(
         random_seeds=seeds,
         batch_size=batch_size,
         activation="sigmoid" if multilabel else "auto",
-        class_names=record["class_names"],
+        class_names=names,
         progress=progress,
     )["global"]
     section = peppr_result.summary()
     section["n_images"] = peppr_result.n_images
     section["labelwise"] = labelwise
+    section["reference"] = "labels" if record["data"].get("class_names") else "predictions"
     atomic_write_text(store.root / "peppr.json", json.dumps(peppr_result.to_dict(), indent=2))
     title = f"PEPPR — {run.settings.method}"
     plot_peppr(peppr_result, store.root / "figures" / "peppr.png", title=title)
@@ -176,6 +183,9 @@ def _sanity_section(run: _Run, n: int) -> dict[str, Any]:
     """Cascading model randomisation on the first ``n`` explained images."""
     from ..metrics.sanity import cascading_randomization
 
+    reason = forward_only(run.model)
+    if reason is not None:  # an ONNX model: no weights to randomise, no gradients
+        return {"skipped": f"{reason} runs forward only: its weights cannot be randomised"}
     x, _, targets, _ = _first_done(run.store, run.dataset, n)
     try:
         check = cascading_randomization(
@@ -190,6 +200,7 @@ def _sanity_section(run: _Run, n: int) -> dict[str, Any]:
     return {
         "n_images": int(x.shape[0]),
         "rank_correlation_fully_randomized": check.rank_correlation_fully_randomized,
+        "degenerate_fraction": check.degenerate_fraction,
         "mean_per_step": check.mean.tolist(),
         "steps": check.step_names,
     }
