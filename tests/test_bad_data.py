@@ -148,13 +148,17 @@ def test_a_run_resumed_after_a_bad_file_is_fixed_loses_nothing(data, tmp_path):
     assert "missing.npy" not in {Path(r["path"]).name for r in _table(run / "errors.csv")}
 
 
-SLOW_NET = '''
+GATED_NET = '''
+import os
 import time
+
 import torch
 
 
-class SlowNet(torch.nn.Module):
-    """A tiny CNN that sleeps in every forward pass: an explain that lasts seconds."""
+class GatedNet(torch.nn.Module):
+    """A tiny CNN whose forward passes wait, once the run named by GATED_RUN exists (its
+    run.json is written under the lock), until the file GATED_RELEASE appears: an explain
+    that holds the run's lock exactly as long as the test needs."""
 
     def __init__(self):
         super().__init__()
@@ -162,13 +166,17 @@ class SlowNet(torch.nn.Module):
         self.head = torch.nn.Linear(4, 2)
 
     def forward(self, x):
-        time.sleep(0.15)
+        run, release = os.environ.get("GATED_RUN"), os.environ.get("GATED_RELEASE")
+        if run and os.path.exists(os.path.join(run, "run.json")):
+            deadline = time.monotonic() + 120
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.02)
         return self.head(torch.relu(self.conv(x)).mean((2, 3)))
 
 
-def slow_net():
+def gated_net():
     torch.manual_seed(0)
-    return SlowNet()
+    return GatedNet()
 '''
 
 
@@ -186,19 +194,24 @@ def _held(lock: Path) -> bool:
 
 
 def test_a_second_process_on_a_run_being_explained_is_refused(data, tmp_path, monkeypatch):
-    (tmp_path / "slownet.py").write_text(SLOW_NET)
+    (tmp_path / "gatednet.py").write_text(GATED_NET)
     monkeypatch.syspath_prepend(str(tmp_path))
-    from slownet import slow_net
+    from gatednet import gated_net
 
-    torch.save(slow_net().state_dict(), tmp_path / "slow.pt")
-    run = tmp_path / "run"
+    torch.save(gated_net().state_dict(), tmp_path / "gated.pt")
+    run, release = tmp_path / "run", tmp_path / "release"
     args = [
         "explain",
-        *("--model", str(tmp_path / "slow.pt"), "--model-factory", "slownet:slow_net"),
+        *("--model", str(tmp_path / "gated.pt"), "--model-factory", "gatednet:gated_net"),
         *("--data", str(data / "good.csv"), "--method", "saliency", "--batch-size", "1"),
         *("--no-progress", "--out", str(run)),
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]),
+        "GATED_RUN": str(run),
+        "GATED_RELEASE": str(release),
+    }
     first = subprocess.Popen(
         [sys.executable, "-m", "medexplain.cli", *args],
         env=env,
@@ -217,8 +230,10 @@ def test_a_second_process_on_a_run_being_explained_is_refused(data, tmp_path, mo
             "global": runner.invoke(app, ["global", str(run)]),
             "evaluate": runner.invoke(app, ["evaluate", str(run), "--no-progress"]),
         }
+        release.touch()  # the first explain goes on
         output, _ = first.communicate(timeout=120)
     finally:
+        release.touch()
         if first.poll() is None:
             first.kill()
     for command, result in refused.items():
