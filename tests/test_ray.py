@@ -177,6 +177,7 @@ def test_bad_image_goes_to_errors_csv_not_to_a_crashed_worker(ray_run, data):
     assert summary["n_done"] == N_IMAGES and summary["n_errors"] == 1
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run_finishes_with_every_image_once(data, cluster, local_run):
     """SIGKILL one actor's process once the first chunk is on disk: Ray restarts it and
     retries its chunks; the run equals the local one."""

@@ -23,6 +23,7 @@ when a Ray engine is used.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ class _Session:
                     address=self.options.address,
                     include_dashboard=False,
                     log_to_driver=False,
-                    configure_logging=False,
+                    logging_level=logging.WARNING,
                 )
             except (ConnectionError, RuntimeError, ValueError) as error:
                 where = self.options.address or "a local Ray"
