@@ -85,13 +85,13 @@ class RayOptions:
 
 
 class _Session:
-    """Ray for the duration of a ``with``: joins the running Ray, or starts one (and stops
-    it on exit) when none runs in this process."""
+    """Ray for the duration of a ``with``: joins the Ray this process already runs, else
+    starts one (``address`` None) or connects to a cluster. A Ray it starts stays up until
+    the process ends (Ray stops it at exit), so the global maps after ``explain`` reuse it."""
 
     def __init__(self, options: RayOptions) -> None:
         self.options = options
         self.ray = import_ray()
-        self.started = False
 
     def __enter__(self) -> _Session:
         ray = self.ray
@@ -108,12 +108,10 @@ class _Session:
                 raise RunError(
                     f"--address {where}: cannot start or join Ray: {one_line(error)}"
                 ) from None
-            self.started = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.started:
-            self.ray.shutdown()
+        return None
 
     def width(self, jobs: int) -> int:
         """How many actors: ``workers``, else what the cluster's resources hold; never more
