@@ -96,9 +96,14 @@ def test_3d_panels_show_a_left_anterior_superior_block_there(tmp_path, monkeypat
     heat[1:3, 9:11, 5:7] = 1.0  # low x (left), high y (anterior), high z (superior)
     other = 0.5 * heat
     panels.plot_group_panels(
-        np.zeros((1, *shape)), {"a": heat, "b": other}, tmp_path / "f.png", signed=False
+        np.zeros((1, *shape)),
+        {"a": heat, "b": other},
+        tmp_path / "f.png",
+        signed=False,
+        title="by label",
     )
     fig = captured["fig"]
+    assert fig._suptitle.get_text() == "by label"
     views = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title().split("·")[1].split()[0] for ax in views] == [
         "axial",

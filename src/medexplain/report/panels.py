@@ -167,14 +167,14 @@ def plot_group_panels(
             _draw(ax, image, array, norm, cmap, name)
         else:
             index = int(cut[axis])
-            title = f"{name} · {view[axis]} {index}"
+            heading = f"{name} · {view[axis]} {index}"
             _draw(
                 ax,
                 slice_view(image, axis, index),
                 slice_view(array, axis, index),
                 norm,
                 cmap,
-                title,
+                heading,
             )
             _letters(ax, letters, axis)
             outline = (
