@@ -1,8 +1,9 @@
 """The Ray engine on a local Ray this module starts (2 CPUs, actors with 1 torch thread):
 the run it writes equals the local engine's (maps, items.csv, errors.csv, global maps, the
-global maps also against a NumPy computation from the maps); a SIGKILLed worker and a
-SIGKILLed driver both end in the same run with every image once and finished chunks left
-untouched; ``--engine ray`` without Ray says how to install it."""
+global maps also against a NumPy computation from the maps), and so does an evaluation
+whose forward passes run on the actors; a SIGKILLed worker and a SIGKILLed driver both end
+in the same run with every image once and finished chunks left untouched; ``--engine ray``
+without Ray says how to install it."""
 
 from __future__ import annotations
 
@@ -27,8 +28,19 @@ from typer.testing import CliRunner  # noqa: E402
 from medexplain.cli import app  # noqa: E402
 from medexplain.models.checkpoint import save_checkpoint  # noqa: E402
 from medexplain.models.cnn import CNNConfig, build_classifier  # noqa: E402
-from medexplain.runs import ExplainSettings, RunStore, explain_run, global_run  # noqa: E402
-from medexplain.runs.ray_engine import RayEngine, RayOptions, ray_accumulator  # noqa: E402
+from medexplain.runs import (  # noqa: E402
+    ExplainSettings,
+    RunStore,
+    evaluate_run,
+    explain_run,
+    global_run,
+)
+from medexplain.runs.ray_engine import (  # noqa: E402
+    RayEngine,
+    RayOptions,
+    ray_accumulator,
+    ray_forward,
+)
 
 N_IMAGES = 24
 METHOD, PARAMS = "integrated_gradients", {"n_steps": 16}
@@ -165,6 +177,32 @@ def test_ray_global_maps_match_numpy_from_the_maps(ray_run):
         )
         var = np.var(chosen, axis=0, ddof=1)
         np.testing.assert_allclose(result.group(("label", name)).var.numpy(), var, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_with_forward_passes_on_ray_equals_local_evaluate(ray_run):
+    """PEPPR and deletion/insertion with the model's passes split over 2 actors give the
+    local evaluation's numbers."""
+    out = ray_run[0]
+    options = dict(localization=False, sanity=False, peppr_steps=5, peppr_seeds=2, n_deletion=6)
+    local = evaluate_run(out, progress=False, batch_size=8, **options)
+    made = []
+    make = ray_forward(RayOptions(workers=2))
+
+    def forward(model, settings):
+        made.append(make(model, settings))
+        return made[-1]
+
+    spread = evaluate_run(out, progress=False, batch_size=8, forward=forward, **options)
+    assert made and made[0].calls > 0
+    for section in ("peppr", "deletion"):
+        ours, theirs = spread[section], local[section]
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            if isinstance(value, float):
+                assert abs(ours[key] - value) <= 1e-6, (section, key)
+            else:
+                assert ours[key] == value, (section, key)
 
 
 def test_bad_image_goes_to_errors_csv_not_to_a_crashed_worker(ray_run, data):

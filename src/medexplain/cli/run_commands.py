@@ -300,15 +300,26 @@ def evaluate(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     progress: ProgressOpt = True,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusOpt = 0.0,
 ) -> None:
     """Prove a run's explanations: PEPPR, deletion/insertion, localization, sanity.
 
     Without any flag all four are run. Writes RUN/evaluation.json and RUN/figures/peppr.png.
 
     Example: medexplain evaluate runs/uwf --peppr --limit 2000
+    (--engine ray: PEPPR's and deletion's forward passes on Ray workers)
     """
     from ..runs import evaluate_run
 
+    ray_options = _ray_options(engine, address, workers, gpus_per_worker)
+    forward = None
+    if ray_options is not None:
+        from ..runs.ray_engine import ray_forward
+
+        forward = ray_forward(ray_options)
     everything = not (peppr or deletion or localization or sanity)
     with holding(run, "evaluate"):
         evaluation = evaluate_run(
@@ -326,6 +337,7 @@ def evaluate(
             device=device,
             batch_size=batch_size,
             progress=progress,
+            forward=forward,
         )
     skipped = evaluation.get("localization", {}).get("skipped") if localization else None
     if skipped:

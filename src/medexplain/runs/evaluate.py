@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,13 +222,17 @@ def evaluate_run(
     device: str | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    forward=None,
 ) -> dict[str, Any]:
     """Proof for a run: PEPPR with its global map(s), deletion/insertion, localization
     against the manifest's masks, cascading-randomisation sanity; writes
     ``RUN/evaluation.json`` and ``RUN/figures/peppr.png``.
 
     Evaluations accumulate: each call adds or replaces only the sections it computed, the
-    others already in ``evaluation.json`` stay. Returns the whole evaluation dict."""
+    others already in ``evaluation.json`` stay. Returns the whole evaluation dict.
+    ``forward``: None, or ``(model, settings) -> model`` giving the model PEPPR and
+    deletion/insertion run (e.g. :func:`medexplain.runs.ray_engine.ray_forward`: the passes
+    spread over Ray workers)."""
     from ..metrics.localization import localization_scores
 
     check_counts(
@@ -243,12 +247,15 @@ def evaluate_run(
     store = opened.store
     evaluation = _read_evaluation(store)
     evaluation.update(run=str(store.root), n_explained=store.count())
+    fast = opened  # the forward-only metrics' model: local, or spread over workers
+    if forward is not None:
+        fast = replace(opened, model=forward(opened.model, opened.settings))
     if peppr:
         evaluation["peppr"] = _peppr_section(
-            opened, labelwise, limit, peppr_steps, peppr_seeds, batch_size, progress
+            fast, labelwise, limit, peppr_steps, peppr_seeds, batch_size, progress
         )
     if deletion:
-        evaluation["deletion"] = _deletion_section(opened, n_deletion)
+        evaluation["deletion"] = _deletion_section(fast, n_deletion)
     if localization:
         evaluation["localization"] = _localization(store, opened.dataset, localization_scores)
     if sanity:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..core.errors import one_line
+from ..core.model import model_device
 from ..core.progress import progress_bar
 from ..globalmaps import GlobalMaps
 from .aggregate import add_chunk
@@ -41,7 +42,15 @@ from .explain import ChunkWork, explain_run, missing_parts
 from .settings import ExplainSettings, make_explainer, open_data, open_model
 from .store import RunStore
 
-__all__ = ["RayEngine", "RayOptions", "explain_run_ray", "import_ray"]
+__all__ = [
+    "RayEngine",
+    "RayForward",
+    "RayOptions",
+    "explain_run_ray",
+    "import_ray",
+    "ray_accumulator",
+    "ray_forward",
+]
 
 INSTALL = "pip install 'medexplain[ray]'"
 
@@ -341,3 +350,73 @@ def ray_accumulator(options: RayOptions | None = None):
         return acc
 
     return accumulate_on_ray
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+class _ForwardActor:
+    """A Ray actor holding the run's classifier: forward passes of the images it is sent."""
+
+    def __init__(self, settings: ExplainSettings, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.model = open_model(settings).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x.to(model_device(self.model))).cpu()
+
+
+class RayForward(torch.nn.Module):
+    """The run's classifier with each forward pass split over Ray actors (each holding its
+    own copy of the model): ``(B, C, *S) -> (B, K)``, the rows of ``B`` dealt out in
+    contiguous parts and put back in order. For the forward-only metrics (PEPPR,
+    deletion/insertion), whose cost is the model's passes. An input that needs gradients is
+    run by the local ``model`` (a remote output carries no graph). ``calls``: remote passes."""
+
+    def __init__(self, model: torch.nn.Module, actors: list[Any], ray: Any) -> None:
+        super().__init__()
+        self.model = model  # the local copy: device, parameters, attributes, gradients
+        self._actors, self._ray = actors, ray
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return self.model(x)
+        parts = [p for p in torch.tensor_split(x.detach().cpu(), len(self._actors)) if len(p)]
+        refs = [a.forward.remote(p) for a, p in zip(self._actors, parts)]
+        try:
+            outputs = self._ray.get(refs)
+        except self._ray.exceptions.RayError as error:
+            raise _worker_error(error, "a forward pass") from None
+        self.calls += len(refs)
+        return torch.cat(outputs).to(x.device)
+
+
+def ray_forward(options: RayOptions | None = None):
+    """A ``forward`` for :func:`medexplain.runs.evaluate_run`: ``(model, settings) ->``
+    :class:`RayForward` over ``options.workers`` actors (Ray started or joined as for
+    ``explain``). The actors end when the returned model is no longer referenced."""
+    options = options or RayOptions()
+    options.check()
+
+    def make(model: torch.nn.Module, settings: ExplainSettings) -> RayForward:
+        with _Session(options) as session:
+            ray = session.ray
+            actor_class = ray.remote(_ForwardActor).options(
+                num_cpus=options.threads,
+                num_gpus=options.gpus_per_worker,
+                max_restarts=options.max_restarts,
+                max_task_retries=options.max_restarts,
+            )
+            n = session.width(10**9)
+            actors = [actor_class.remote(settings, options.threads) for _ in range(n)]
+        return RayForward(model, actors, ray)
+
+    return make
