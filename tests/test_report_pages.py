@@ -229,3 +229,32 @@ def test_viewer_keeps_colour_photographs_in_rgb_and_thin_volumes_grey():
         viewer_html(big, {"m": (False, {"g": big[0]})}, budget=2 * 20**3, max_size=128)
     )
     assert data["factor"] == 2 and data["shape"] == [20, 20, 20]
+
+
+def test_unexplained_images_are_grouped_by_cause(tmp_path):
+    rows = ["path"]
+    for i in range(3):
+        np.save(tmp_path / f"i{i}.npy", np.random.default_rng(i).normal(size=(8, 8)))
+        rows.append(f"i{i}.npy")
+    for name in ("bad1.npy", "bad2.npy"):
+        (tmp_path / name).write_bytes(b"not an array")
+        rows.append(name)
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    net = build_classifier(CNNConfig(num_classes=3, widths=(4,), norm="none"))
+    save_checkpoint(tmp_path / "m.pt", net, extra={"class_names": ["a", "b", "c"]})
+    settings = ExplainSettings(
+        data=str(tmp_path / "data.csv"),
+        method="saliency",
+        model=str(tmp_path / "m.pt"),
+        label_column=None,
+    )
+    explain_run(settings, tmp_path / "run", progress=False, log=lambda *_: None)
+    page = report_run(tmp_path / "run", log=lambda *_: None).read_text()
+    errors = RunStore(tmp_path / "run").errors()
+    assert len(errors) == 2
+    causes = {reason.replace(path, "<file>") for _, path, reason in errors}
+    assert len(causes) == 1  # the same cause, said of two files
+    assert "<li>2 image(s): " in page
+    # unlabelled: counts of predictions, no confusion matrix, no outcome groups
+    assert "Confusion matrix" not in page and "images predicted" in page
+    assert not [g for g in _viewer_data(page)["methods"]["saliency"]["groups"] if "outcome" in g]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -266,10 +267,12 @@ def _evaluation_section(store: RunStore, evaluation: dict[str, Any], method: str
 
 
 def _errors_section(errors: list) -> str:
-    reasons: dict[str, int] = {}
-    for _, _, reason in errors:
-        reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
-    summary = "".join(f"<li>{html.escape(r)}: {n}</li>" for r, n in sorted(reasons.items()))
+    """``errors.csv`` by cause (the reason with its file's path taken out), most frequent
+    first, then the first 50 images."""
+    reasons: Counter[str] = Counter(reason.replace(path, "<file>") for _, path, reason in errors)
+    summary = "".join(
+        f"<li>{n} image(s): {html.escape(reason)}</li>" for reason, n in reasons.most_common()
+    )
     rows = "".join(
         f"<li>{i}: {html.escape(path)} — {html.escape(reason)}</li>"
         for i, path, reason in errors[:50]
