@@ -258,3 +258,27 @@ def test_unexplained_images_are_grouped_by_cause(tmp_path):
     # unlabelled: counts of predictions, no confusion matrix, no outcome groups
     assert "Confusion matrix" not in page and "images predicted" in page
     assert not [g for g in _viewer_data(page)["methods"]["saliency"]["groups"] if "outcome" in g]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_signed_maps_get_a_symmetric_diverging_scale(tmp_path, monkeypatch, signed):
+    captured = {}
+    monkeypatch.setattr(panels, "_save", lambda fig, path: captured.setdefault("fig", fig))
+    heat = np.zeros((8, 8))
+    heat[1, 1], heat[6, 6] = -3.0, 1.0
+    panels.plot_group_panels(
+        np.zeros((1, 8, 8)), {"a": heat, "b": heat / 2}, tmp_path / "f.png", signed=signed
+    )
+    from matplotlib import colormaps
+
+    (bar,) = [ax for ax in captured["fig"].axes if not ax.get_title()]
+    low, high = bar.get_ylim()
+    if signed:  # diverging, symmetric about 0 at the largest |value| of the figure
+        assert (low, high) == pytest.approx((-3.0, 3.0))
+    else:  # sequential from 0
+        assert (low, high) == pytest.approx((0.0, 3.0))
+    ax = next(ax for ax in captured["fig"].axes if ax.get_title() == "a")
+    colours = np.asarray(ax.images[1].get_array())
+    name = "RdBu_r" if signed else "inferno"
+    value = (-3.0 + 3.0) / 6.0 if signed else 0.0  # where -3 lands on the colour scale
+    np.testing.assert_allclose(colours[1, 1, :3], colormaps[name](value)[:3], atol=1e-6)
