@@ -26,6 +26,7 @@ img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
 .mx-views{display:flex;flex-wrap:wrap;gap:12px}.mx-view{display:flex;flex-direction:column}
 .mx-view canvas{background:#000;image-rendering:pixelated;max-width:100%}
 .mx-note{color:#666}
+table.text td{text-align:left}
 """
 
 
@@ -80,13 +81,17 @@ def metrics_table(
     return f"<table><tr><th>method</th>{head}</tr>{''.join(body)}</table>"
 
 
-def plain_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """An HTML table of ``rows`` under ``header``, every cell escaped as text."""
+def plain_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], css_class: str | None = None
+) -> str:
+    """An HTML table of ``rows`` under ``header``, every cell escaped as text
+    (``css_class="text"``: cells aligned left, for words rather than numbers)."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    attribute = f" class='{html.escape(css_class)}'" if css_class else ""
+    return f"<table{attribute}><tr>{head}</tr>{body}</table>"
 
 
 def write_report(

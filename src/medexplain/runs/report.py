@@ -193,7 +193,7 @@ def _run_section(store: RunStore, record: dict[str, Any], errors: list) -> str:
         ),
         ("images not explained", f"{len(errors)} (errors.csv)"),
     ]
-    body = plain_table(("setting", "value"), rows)
+    body = plain_table(("setting", "value"), rows, "text")
     other = {
         k: v
         for k, v in settings.items()
