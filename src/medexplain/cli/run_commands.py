@@ -49,9 +49,11 @@ WorkersOpt = Annotated[
 GpusOpt = Annotated[float, typer.Option(help="GPUs each Ray actor reserves (with --device).")]
 
 
-def _ray_options(engine: str, address: str | None, workers: int | None, gpus: float):
+def _ray_options(
+    engine: str, address: str | None, workers: int | None, gpus: float, device: str | None
+):
     """RayOptions for ``--engine ray``, None for the local engine (a usage error names a Ray
-    option given without ``--engine ray``)."""
+    option given without ``--engine ray``, or a GPU device without ``--gpus-per-worker``)."""
     if engine not in ("local", "ray"):
         raise fail(f"--engine must be local or ray, got {engine!r}")
     if engine == "local":
@@ -63,6 +65,8 @@ def _ray_options(engine: str, address: str | None, workers: int | None, gpus: fl
     import_ray()
     options = RayOptions(address=address, workers=workers, gpus_per_worker=gpus)
     options.check()
+    if (device or "").startswith("cuda") and gpus <= 0:
+        raise fail(f"--device {device} with --engine ray needs --gpus-per-worker (e.g. 1)")
     return options
 
 
@@ -143,7 +147,7 @@ def explain(
     from ..runs import ExplainSettings, accumulate, explain_run, global_run
 
     check_out_folder(out)
-    ray_options = _ray_options(engine, address, workers, gpus_per_worker)
+    ray_options = _ray_options(engine, address, workers, gpus_per_worker, device)
     engine_object, accumulator = None, accumulate
     if ray_options is not None:
         from ..runs.ray_engine import RayEngine, ray_accumulator
@@ -314,7 +318,7 @@ def evaluate(
     """
     from ..runs import evaluate_run
 
-    ray_options = _ray_options(engine, address, workers, gpus_per_worker)
+    ray_options = _ray_options(engine, address, workers, gpus_per_worker, device)
     forward = None
     if ray_options is not None:
         from ..runs.ray_engine import ray_forward

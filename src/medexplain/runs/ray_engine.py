@@ -172,6 +172,15 @@ class _ChunkActor:
         return number, n_done, errors
 
 
+def _check_device(settings: ExplainSettings, options: RayOptions) -> None:
+    """A GPU device needs GPUs reserved: Ray hides the GPUs from an actor that reserves none."""
+    if str(settings.device).startswith("cuda") and options.gpus_per_worker <= 0:
+        raise RunError(
+            f"--device {settings.device} with --engine ray needs --gpus-per-worker (e.g. 1): "
+            "Ray shows no GPU to a worker that reserves none"
+        )
+
+
 def _worker_error(error: BaseException, what: str) -> RunError:
     """A Ray failure as one line: the worker's own error when it raised one."""
     cause = getattr(error, "cause", None)
@@ -213,6 +222,7 @@ class RayEngine:
     ) -> int:
         """Explain the keys no chunk holds, chunk by chunk on Ray actors; returns how many
         images were explained (the engine interface of :func:`explain_run`)."""
+        _check_device(settings, self.options)
         settled, parts = missing_parts(run, done_keys)
         if not parts:
             return 0
@@ -407,6 +417,7 @@ def ray_forward(options: RayOptions | None = None):
     options.check()
 
     def make(model: torch.nn.Module, settings: ExplainSettings) -> RayForward:
+        _check_device(settings, options)
         with _Session(options) as session:
             ray = session.ray
             actor_class = ray.remote(_ForwardActor).options(
