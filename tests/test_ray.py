@@ -30,6 +30,7 @@ from medexplain.models.checkpoint import save_checkpoint  # noqa: E402
 from medexplain.models.cnn import CNNConfig, build_classifier  # noqa: E402
 from medexplain.runs import (  # noqa: E402
     ExplainSettings,
+    RunError,
     RunStore,
     evaluate_run,
     explain_run,
@@ -285,6 +286,24 @@ def test_driver_killed_and_rerun_resumes_without_recomputing(data, cluster, loca
     now = int(re.search(r"\((\d+) now", again.stderr).group(1))
     assert now == N_IMAGES - explained_before
     _check_same_maps(out, local_run[0])
+
+
+def test_a_superseded_driver_s_worker_writes_no_chunk(local_run, data):
+    """A worker whose driver no longer owns the run (another token in run.json) refuses to
+    write; under its own driver's token it writes the chunk."""
+    from medexplain.runs.ray_engine import DRIVER, _ChunkActor
+
+    store = RunStore(local_run[0])
+    key, row = next(iter(store.selection().items()))
+    store.update_record(**{DRIVER: "new"})
+    worker = _ChunkActor(_settings(data), str(store.root), ((16, 16), 2), 1, "old")
+    with pytest.raises(RunError, match="another driver"):
+        worker.explain_chunk(999, [(key, row)])
+    assert not store.chunk_path(999).exists()
+    worker = _ChunkActor(_settings(data), str(store.root), ((16, 16), 2), 1, "new")
+    assert worker.explain_chunk(999, [(key, row)])[:2] == (999, 1)
+    assert store.read_chunk(999).key.tolist() == [key]
+    store.chunk_path(999).unlink()  # the module's local run stays as it was
 
 
 def test_engine_ray_without_ray_says_how_to_install(data, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Runs that outgrow one machine: ``explain`` and global maps on a Ray cluster.
+"""Runs that outgrow one machine: ``explain``, global maps and the forward passes of
+``evaluate`` on a Ray cluster.
 
 The run store does the bookkeeping; Ray only runs the work. The driver (the process that
 runs ``medexplain explain --engine ray``) opens the run as the local engine does, splits the
@@ -11,11 +12,15 @@ in flight per actor and collects only counts and error lines, so its memory does
 with the dataset.
 
 Exactly once: a chunk is done when its file exists. A worker killed mid-chunk leaves at most
-a temporary file (removed at the next start); Ray restarts the actor and retries its tasks
-(``max_restarts`` / ``max_task_retries``), and a retried chunk whose file was already written
-is not explained again. A killed driver re-run with the same command scans the chunks and
-explains only the keys none of them holds. Global maps are accumulated per worker over a
-share of the chunks and merged exactly (:meth:`medexplain.globalmaps.GlobalMaps.merge`).
+a temporary file (removed when the run ends, and at the next start); Ray restarts the actor
+and retries its tasks (``max_restarts`` / ``max_task_retries``), and a retried chunk whose
+file was already written is not explained again. A killed driver re-run with the same
+command scans the chunks and explains only the keys none of them holds; it puts a new token
+in ``run.json`` first, and a worker writes a chunk only under its own driver's token, so a
+worker of the killed driver that is still running cannot add a second copy of an image.
+Global maps are accumulated per worker over a share of the chunks and merged exactly
+(:meth:`medexplain.globalmaps.GlobalMaps.merge`). :class:`RayForward` splits each forward
+pass of PEPPR and deletion/insertion over actors that hold the model.
 
 Ray is an optional extra (``pip install 'medexplain[ray]'``), imported only here and only
 when a Ray engine is used.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +141,28 @@ class _Session:
         return max(1, min(fit, jobs))
 
 
+#: The ``run.json`` entry naming the driver that numbers the run's chunks now.
+DRIVER = "ray_driver"
+
+
+class _DriverStore(RunStore):
+    """The run store as a worker writes it: a chunk is written only while the driver that
+    numbered it still owns the run (its token in ``run.json``), so the workers of a killed
+    driver cannot add chunks beside those of the driver that resumed the run."""
+
+    def __init__(self, root: str | os.PathLike, token: str) -> None:
+        super().__init__(root)
+        self.token = token
+
+    def write_chunk(self, chunk) -> Path:
+        if self.record().get(DRIVER) != self.token:
+            raise RunError(
+                f"{self.root} is now written by another driver; chunk {chunk.number} of the "
+                "previous one was not written"
+            )
+        return super().write_chunk(chunk)
+
+
 class _ChunkActor:
     """A Ray actor: the run's model, dataset and explainer opened once, then chunks."""
 
@@ -144,6 +172,7 @@ class _ChunkActor:
         root: str,
         shapes: tuple[tuple[int, ...], int],
         threads: int,
+        token: str,
     ) -> None:
         torch.set_num_threads(threads)
         spatial, outputs = shapes
@@ -151,7 +180,7 @@ class _ChunkActor:
         dataset = open_data(settings, model)
         explainer = make_explainer(settings, model)
         self.work = ChunkWork(model, dataset, explainer, settings, spatial, outputs)
-        self.store = RunStore(root)
+        self.store = _DriverStore(root, token)
 
     def pid(self) -> int:
         return os.getpid()
@@ -207,8 +236,10 @@ class RayEngine:
             max_restarts=options.max_restarts,
             max_task_retries=options.max_restarts,
         )
-        shapes = (run.spatial, run.outputs)
-        actors = [actor_class.remote(settings, root, shapes, options.threads) for _ in range(n)]
+        shapes, threads = (run.spatial, run.outputs), options.threads
+        token = uuid.uuid4().hex
+        RunStore(root).update_record(**{DRIVER: token})  # the old driver's workers stop
+        actors = [actor_class.remote(settings, root, shapes, threads, token) for _ in range(n)]
         try:  # waits until each actor has opened the model: a worker that cannot is named
             self.pids = session.ray.get([actor.pid.remote() for actor in actors])
         except session.ray.exceptions.RayError as error:
