@@ -9,7 +9,8 @@ Throughput: integrated gradients (``--steps`` interpolation steps, so the work p
 dominates) on ``--images`` images 32x32. Each configuration runs in a fresh driver process
 that joins one local Ray (2 CPUs) this script starts; ``images_per_second`` counts the
 whole ``explain`` call, ``images_per_second_after_startup`` leaves out the time the actors
-take to start (import torch, open the model). Memory: saliency on ``--memory-images`` and
+take to start (import torch, open the model: a few seconds, which the default 480 images
+make small against the work on an idle machine). Memory: saliency on ``--memory-images`` and
 10x as many images, 2 Ray workers; the driver's peak RSS (``ru_maxrss``, per process) and
 its Python-heap peak during the call (tracemalloc).
 """
@@ -124,7 +125,7 @@ def main() -> None:
     parser.add_argument("--method", default="integrated_gradients", help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--images", type=int, default=160, help="images for throughput")
+    parser.add_argument("--images", type=int, default=480, help="images for throughput")
     parser.add_argument("--size", type=int, default=32, help="image side")
     parser.add_argument("--steps", type=int, default=128, help="integrated-gradient steps")
     parser.add_argument("--batch", type=int, default=4, help="images per explainer call")
