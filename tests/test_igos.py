@@ -410,3 +410,170 @@ def test_igospp_beats_gradients_on_deletion_and_insertion(bench2d, classifier2d)
     for other in ("saliency", "integrated_gradients"):
         assert aucs["igos++"][0] < aucs[other][0], aucs
         assert aucs["igos++"][1] > aucs[other][1], aucs
+
+
+# ------------------------------------------------ variant="paper": the authors' code
+
+
+def test_standardised_bilateral_weights_by_hand():
+    """The authors' edge weights on the image in units of its standard deviation: along the
+    first axis exp(-(channel-mean difference)^2 / sigma), along the second the channel mean
+    of exp(-difference^2 / sigma)."""
+    from medexplain.explain.igos_loss import standardised_bilateral_weights
+
+    image = np.array(
+        [
+            [[0.0, 0.1, 0.3], [0.2, 0.2, 0.0]],
+            [[0.1, 0.1, 0.0], [0.4, 0.1, 0.2]],
+        ]
+    )  # (C=2, 2, 3)
+    sigma = 0.5
+    std = image.std()  # over pixels and channels, the noise unit
+    z = image / std
+    rows = np.zeros((1, 3))
+    for j in range(3):
+        rows[0, j] = math.exp(
+            -((((z[0, 1, j] - z[0, 0, j]) + (z[1, 1, j] - z[1, 0, j])) / 2) ** 2) / sigma
+        )
+    cols = np.zeros((2, 2))
+    for i in range(2):
+        for j in range(2):
+            cols[i, j] = np.mean(
+                [math.exp(-((z[c, i, j + 1] - z[c, i, j]) ** 2) / sigma) for c in range(2)]
+            )
+    x = torch.tensor(image, dtype=torch.float64)[None]
+    scale = IGOS.noise_scales(x)
+    assert scale.item() == pytest.approx(std)
+    w_rows, w_cols = standardised_bilateral_weights(x, sigma, scale)
+    np.testing.assert_allclose(w_rows[0, 0].numpy(), rows, rtol=1e-12)
+    np.testing.assert_allclose(w_cols[0, 0].numpy(), cols, rtol=1e-12)
+    # One channel, an edge of contrast 0.1 on an image of standard deviation 0.25: the
+    # weight is exp(-(0.1 / 0.25)^2 / 0.01) = exp(-16) on the standardised image, but
+    # exp(-0.1^2 / 0.01) = exp(-1) after min-max normalisation to a range of 1.
+    edge = torch.tensor([[0.0, 0.1]], dtype=torch.float64)[None, None]
+    w, _ = standardised_bilateral_weights(edge.transpose(2, 3), 0.01, torch.tensor([0.25]))
+    assert w.item() == pytest.approx(math.exp(-16.0), rel=1e-9)
+
+
+def test_paper_combined_mask_is_the_product_of_the_upsampled_masks():
+    from medexplain.explain.igos import path_masks
+
+    md = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    mi = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    masks = torch.stack([md, mi])[None]  # (1, 2, 2, 2)
+    # Bilinear, corners aligned, 2x2 -> 3x3 by hand:
+    up_md = torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.75, 0.5], [1.0, 1.0, 1.0]])
+    up_mi = torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.75, 1.0], [0.0, 0.5, 1.0]])
+    up_product = torch.tensor([[1.0, 0.5, 0.0], [0.5, 0.5, 0.5], [0.0, 0.5, 1.0]])  # up(Md Mi)
+    d, i, data, comb = path_masks(masks, (3, 3), product_of_upsampled=True)
+    torch.testing.assert_close(d[0, 0], up_md)
+    torch.testing.assert_close(i[0, 0], up_mi)
+    torch.testing.assert_close(data[0, 0], up_md * up_mi)  # centre 0.5625, not 0.5
+    torch.testing.assert_close(comb[0, 0], up_product)  # the regulariser keeps up(Md Mi)
+    _, _, data_default, _ = path_masks(masks, (3, 3))
+    torch.testing.assert_close(data_default[0, 0], up_product)
+
+
+def ref_paper_igospp_terms(model, x, b, target, md, mi, steps, l1, l2, sigma):
+    """The authors' iGOS++ without noise for one image: (data terms, regulariser)."""
+    spatial = x.shape[2:]
+    up_d, up_i = ref_up(md, spatial), ref_up(mi, spatial)
+
+    def path(first, second, up):
+        return (
+            sum(
+                ref_fc(model, first * (k / steps) * up + second * (1 - (k / steps) * up), target)
+                for k in range(1, steps + 1)
+            )
+            / steps
+        )
+
+    data = path(x, b, up_d) - path(b, x, up_i)
+    data = data + path(x, b, up_d * up_i) - path(b, x, up_d * up_i)
+    m = md * mi
+    up = ref_up(m, spatial)
+    z = x / x.flatten(1).std(1, unbiased=False).view(-1, 1, 1, 1)
+    bil = 0
+    for d in range(2, x.dim()):
+        w = torch.exp(-torch.diff(z, dim=d).pow(2).mean(1, keepdim=True) / sigma)  # 1 channel
+        bil = bil + (w * torch.diff(up, dim=d).pow(2)).flatten(1).mean(1)
+    reg = l1 * (1 - m).abs().flatten(1).mean(1) + l2 * 0.5 * (ref_tv(m) + bil)
+    return data, reg
+
+
+def test_paper_igospp_halves_the_data_gradient_and_never_stops():
+    model, x, _ = square_problem(2, n=1, seed=1)
+    T = 4
+    explainer = IGOSPlusPlus(
+        model, size=6, iterations=T, integration_steps=3, noise_std=0.0, variant="paper"
+    )
+    assert explainer.effective_l2((6, 6)) == 20.0 and explainer.armijo_slack == 0.0
+    _, trace = explainer.explain_with_trace(x, 1)
+    b = blur_baseline(x)
+    masks = trace.masks
+    assert int(trace.stopped_at[0]) == T and not torch.isnan(trace.alpha).any()
+    for t in range(T):
+        leaf = masks[t, 0:1].clone().requires_grad_(True)
+        data, reg = ref_paper_igospp_terms(
+            model, x, b, 1, leaf[:, 0:1], leaf[:, 1:2], 3, 1.0, 20.0, 0.01
+        )
+        # The line search checks the full loss; the step follows half the data gradient.
+        assert (data + reg).item() == pytest.approx(trace.loss[t, 0].item(), abs=1e-5)
+        (g_data,) = torch.autograd.grad(data.sum(), leaf, retain_graph=True)
+        (g_reg,) = torch.autograd.grad(reg.sum(), leaf)
+        g = 0.5 * g_data + g_reg
+        assert g.pow(2).sum().item() == pytest.approx(trace.grad_sq[t, 0].item(), rel=1e-3)
+        # Every iteration moves the masks, also when the search failed (a tiny last step).
+        alpha = trace.alpha[t, 0].item()
+        expected = (leaf.detach() - alpha * g).clamp(0, 1)
+        torch.testing.assert_close(masks[t + 1, 0:1], expected, atol=1e-5, rtol=0)
+        if not trace.accepted[t, 0]:
+            assert alpha < explainer.min_alpha
+
+
+def test_paper_igos_line_search_checks_the_integrated_objective():
+    model, x, _ = square_problem(2, n=1, seed=3)
+    explainer = IGOS(
+        model, size=8, iterations=3, integration_steps=4, noise_std=0.0, variant="paper"
+    )
+    _, trace = explainer.explain_with_trace(x, 1)
+    b = blur_baseline(x)
+    for t in range(3):
+        m = trace.masks[t, 0:1]
+        zero = torch.zeros(4, *x.shape[1:])
+        expected = ref_igos_integrated(model, x, b, 1, m, 4, zero)
+        expected = expected + (1 - m).abs().mean() + 20.0 * ref_tv(m)
+        assert expected.item() == pytest.approx(trace.loss[t, 0].item(), abs=1e-5)
+
+
+def test_paper_noise_is_fresh_per_call_and_seeded():
+    from medexplain.explain.igos_loss import DELETION, PathScorer
+
+    model, x, _ = square_problem(2, n=2, seed=4)
+    b = blur_baseline(x)
+    up = torch.full((2, 1, 1, *x.shape[2:]), 0.7)
+    coef = torch.tensor([0.5, 1.0])
+
+    def scorer():
+        return PathScorer(model, x, b, torch.tensor([1, 1]), fresh_noise=(5, 0.2))
+
+    first = scorer()
+    a, _ = first.evaluate(torch.arange(2), up, [DELETION], coef, noisy=True)
+    again, _ = first.evaluate(torch.arange(2), up, [DELETION], coef, noisy=True)
+    assert (a - again).abs().min() > 0  # a second call draws new noise
+    same, _ = scorer().evaluate(torch.arange(2), up, [DELETION], coef, noisy=True)
+    torch.testing.assert_close(same, a, atol=0, rtol=0)  # same seed, same draws
+    # An image's noise depends on its own calls only, not on its batch neighbours.
+    alone, _ = scorer().evaluate(torch.tensor([1]), up[1:], [DELETION], coef, noisy=True)
+    torch.testing.assert_close(alone[0], a[1], atol=1e-6, rtol=0)
+    # Whole explanations: same seed identical, another seed differs, batch = single calls.
+    for name in ("igos", "igos++"):
+        params = dict(size=6, iterations=2, integration_steps=2, variant="paper")
+        maps = create(name, model, **params)(x, 1)
+        torch.testing.assert_close(create(name, model, **params)(x, 1), maps, atol=0, rtol=0)
+        singles = torch.cat([create(name, model, **params)(x[i : i + 1], 1) for i in range(2)])
+        torch.testing.assert_close(singles, maps, atol=1e-5, rtol=0)
+        other = create(name, model, seed=1, **params)(x, 1)
+        assert (other - maps).abs().max() > 0
+    with pytest.raises(ValueError, match="variant must be one of"):
+        IGOS(model, variant="authors")

@@ -7,7 +7,8 @@ arXiv 2012.15783). Masks are ``(B, 1, *s)`` at the coarse resolution ``s``; imag
 - :func:`l1_term` ``mean|1 - M|`` and :func:`total_variation` (mean squared forward
   difference along each axis, summed over the axes);
 - :func:`bilateral_weights` / :func:`bilateral_tv` (iGOS++): half of TV(M) plus the
-  image-guided smoothness of the upsampled mask;
+  image-guided smoothness of the upsampled mask; :func:`standardised_bilateral_weights`
+  are the authors' weights (``variant="paper"``);
 - :class:`PathScorer`: ``(1/S) sum_k f_c(phi(., ., a_k M) [+ noise_k])`` for many images
   and terms at once, every model pass chunked by ``batch_size`` and counted in a
   :class:`PassCounter`.
@@ -81,6 +82,31 @@ def bilateral_weights(x: torch.Tensor, sigma: float = 0.01) -> list[torch.Tensor
     return weights
 
 
+def standardised_bilateral_weights(
+    x: torch.Tensor, sigma: float = 0.01, scale: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Edge-stopping weights as the iGOS++ authors' code computes them (``variant="paper"``).
+
+    ``I = x / scale`` is the image in units of ``scale`` ``(B,)`` (the network's standardised
+    input in the authors' code; in medexplain each image's standard deviation, the unit of the
+    noise). Along the first spatial axis the weight is ``exp(-(mean_c (I_i - I_j))^2 / sigma)``
+    (channel mean of the difference, then squared), along every other axis
+    ``mean_c exp(-(I_i - I_j)^2 / sigma)`` (mean of the per-channel weights); both agree for one
+    channel. Returns one ``(B, 1, *spatial)`` tensor per axis, shortened by one along it.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    image = x if scale is None else x / scale.view(-1, *([1] * (x.dim() - 1)))
+    weights = []
+    for axis in range(x.dim() - 2):
+        diff = _axis_differences(image, axis)
+        if axis == 0:
+            weights.append(torch.exp(-diff.mean(1, keepdim=True).pow(2) / sigma))
+        else:
+            weights.append(torch.exp(-diff.pow(2) / sigma).mean(1, keepdim=True))
+    return weights
+
+
 def bilateral_tv(
     mask: torch.Tensor, up_mask: torch.Tensor, weights: Sequence[torch.Tensor]
 ) -> torch.Tensor:
@@ -145,7 +171,9 @@ class PathScorer:
     Holds the images ``x`` and baselines ``b`` ``(B, C, *spatial)``, the targets ``(B,)``
     and the fixed noise ``(2, S, C, *spatial)`` (one draw per path kind and integration
     step, shared by every image so that results never depend on the batch), multiplied per
-    image by ``noise_scale`` ``(B,)`` when given.
+    image by ``noise_scale`` ``(B,)`` when given. With ``fresh_noise = (seed, std)`` instead
+    (the authors' code, ``variant="paper"``), every call draws new noise for every term and
+    step (see :meth:`_fresh_table`).
 
     :meth:`evaluate` takes upsampled masks ``U`` ``(N, J, 1, *spatial)`` for N images
     (indices into the batch) and J terms, each term walking a deletion or an insertion path,
@@ -167,6 +195,7 @@ class PathScorer:
         noise: torch.Tensor | None = None,
         noise_scale: torch.Tensor | None = None,
         counter: PassCounter | None = None,
+        fresh_noise: tuple[int, float] | None = None,
     ) -> None:
         self.model = model
         # Rows [0, B): the images, [B, 2B): the baselines. Path DELETION blends
@@ -179,6 +208,30 @@ class PathScorer:
         self.noise = noise
         self.noise_scale = noise_scale
         self.counter = PassCounter() if counter is None else counter
+        self.fresh_noise = fresh_noise
+        self.calls = torch.zeros(self.n_images, dtype=torch.long)
+
+    def _fresh_table(
+        self, images: torch.Tensor, n_terms: int, n_coef: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """New noise for this call: ``(U, J, K, C, *spatial)`` and each image's row ``(N,)``.
+
+        An image's ``n``-th call draws from a generator seeded by ``(seed, n)``, so its noise
+        depends only on its own history (never on the batch) and every call differs.
+        """
+        assert self.fresh_noise is not None
+        seed, std = self.fresh_noise
+        cpu = images.cpu()
+        counts = self.calls[cpu]
+        self.calls[cpu] += 1
+        unique, slot = torch.unique(counts, return_inverse=True)
+        shape = (n_terms, n_coef, *self.sources.shape[1:])
+        draws = []
+        for count in unique.tolist():
+            generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(count))
+            draws.append(torch.randn(shape, generator=generator) * std)
+        table = torch.stack(draws).to(self.sources.device, self.sources.dtype)
+        return table, slot.to(self.sources.device)
 
     def evaluate(
         self,
@@ -201,7 +254,7 @@ class PathScorer:
         n_images, n_terms = up_masks.shape[:2]
         if len(paths) != n_terms:
             raise ValueError(f"{n_terms} mask terms but {len(paths)} paths")
-        if noisy and self.noise is None:
+        if noisy and self.noise is None and self.fresh_noise is None:
             raise ValueError("noisy=True needs the scorer to hold noise")
         device = up_masks.device
         n_coef = coefficients.numel()
@@ -213,6 +266,9 @@ class PathScorer:
         total = n_images * n_terms * n_coef
         spatial_ones = [1] * (up_masks.dim() - 3)
         kind = "forward" if weights is None else "backward"
+        table = slot = None
+        if noisy and self.fresh_noise is not None:
+            table, slot = self._fresh_table(images, n_terms, n_coef)
         for start in range(0, total, self.batch_size):
             item = torch.arange(start, min(start + self.batch_size, total), device=device)
             n_items = item.numel()
@@ -232,7 +288,11 @@ class PathScorer:
                 filled = image + (1 - path) * self.n_images
                 perturbed = apply_mask(self.sources[kept], self.sources[filled], mask)
                 if noisy:
-                    noise = self.noise[path, step]
+                    if table is not None:
+                        assert slot is not None
+                        noise = table[slot[pair // n_terms], pair % n_terms, step]
+                    else:
+                        noise = self.noise[path, step]
                     if self.noise_scale is not None:
                         noise = noise * self.noise_scale[image].view(-1, 1, *spatial_ones)
                     perturbed = perturbed + noise

@@ -7,7 +7,7 @@ The method, its defaults and every deliberate deviation from the papers are desc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +23,41 @@ from .igos_loss import PassCounter, PathScorer
 REFERENCE_MASK_SIZE = 28
 #: Smallest mask resolution per spatial dim.
 MIN_MASK_SIZE = 4
+#: ``variant`` values: medexplain's defaults, or the authors' code as it runs.
+VARIANTS = ("default", "paper")
+
+
+@dataclass(frozen=True)
+class IGOSOptions:
+    """The algorithmic choices where medexplain's default and the authors' code differ.
+
+    Every field is False by default; ``variant="paper"`` sets them all (:meth:`paper`). The
+    benchmark ``benchmarks/igos_paper.py`` toggles them one at a time.
+
+    - ``fresh_noise``: new noise for every evaluation of the objective, and the Armijo base
+      ``L(M)`` evaluated anew every iteration (authors) instead of one fixed draw;
+    - ``keep_going``: a failed line search still takes its last, tiny step and the
+      optimisation goes on (authors) instead of stopping the image;
+    - ``integrated_objective`` (I-GOS): the line search checks ``R(M)`` plus the integrated,
+      noisy deletion score (authors) instead of ``R(M) + f_c(phi(x, b, M))``;
+    - ``halved_data`` (iGOS++): the data terms' gradient is halved (authors);
+    - ``product_of_upsampled`` (iGOS++): the combined data terms use ``up(Md) * up(Mi)``
+      (authors) instead of ``up(Md * Mi)``;
+    - ``standardised_btv`` (iGOS++): bilateral weights on the image in units of its standard
+      deviation (:func:`~.igos_loss.standardised_bilateral_weights`, authors) instead of
+      min-max normalised.
+    """
+
+    fresh_noise: bool = False
+    keep_going: bool = False
+    integrated_objective: bool = False
+    halved_data: bool = False
+    product_of_upsampled: bool = False
+    standardised_btv: bool = False
+
+    @classmethod
+    def paper(cls) -> IGOSOptions:
+        return cls(**{f.name: True for f in fields(cls)})
 
 
 @dataclass
@@ -91,22 +126,30 @@ class _MaskOptimiser(Explainer):
         integration_steps: int = 20,
         l1: float = 1.0,
         l2: float = 20.0,
-        scale_l2: bool = True,
+        scale_l2: bool | None = None,
         noise_std: float = 0.2,
         noise_relative: bool = True,
         alpha0: float = 1000.0,
         beta: float = 0.2,
         armijo_c: float = 1e-4,
         min_alpha: float = 1e-5,
-        armijo_slack: float = 1e-6,
+        armijo_slack: float | None = None,
         baseline: str | torch.Tensor = "blur",
         mean_image: torch.Tensor | None = None,
         activation: str = "auto",
         early_reject: bool = True,
         batch_size: int = 32,
         seed: int = 0,
+        variant: str = "default",
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        paper = variant == "paper"
+        if scale_l2 is None:
+            scale_l2 = not paper
+        if armijo_slack is None:
+            armijo_slack = 0.0 if paper else 1e-6
         if size is not None:
             sizes = (size,) if isinstance(size, int) else tuple(size)
             if not sizes or any(
@@ -153,6 +196,8 @@ class _MaskOptimiser(Explainer):
         self.mean_image = mean_image
         self.activation = activation
         self.early_reject = bool(early_reject)
+        self.variant = variant
+        self.options = IGOSOptions.paper() if paper else IGOSOptions()
         self.last_trace: IGOSTrace | None = None
         self.passes = PassCounter()
         self._keep_masks = False
@@ -215,8 +260,10 @@ class _MaskOptimiser(Explainer):
         baseline = make_baseline(x, self.baseline, self.mean_image)
         steps = self.integration_steps
         noisy = self.noise_std > 0
-        noise = None
-        if noisy:
+        noise = fresh = None
+        if noisy and self.options.fresh_noise:
+            fresh = (self.seed, self.noise_std)
+        elif noisy:
             shape = (2, steps, *x.shape[1:])
             noise = per_image_noise(shape, 1, self.seed, x.device, self.noise_std)[0]
         noise_scale = self.noise_scales(x) if noisy and self.noise_relative else None
@@ -231,6 +278,7 @@ class _MaskOptimiser(Explainer):
             noise=noise,
             noise_scale=noise_scale,
             counter=self.passes,
+            fresh_noise=fresh,
         )
         coefficients = torch.arange(1, steps + 1, device=x.device, dtype=x.dtype) / steps
         problem = _Problem(scorer, spatial, coefficients, noisy, self.effective_l2(mask_size))
@@ -239,6 +287,27 @@ class _MaskOptimiser(Explainer):
         combined = masks.prod(dim=1, keepdim=True)
         # Linear interpolation of values in [0, 1] can overshoot by one float ulp.
         return (1 - upsample_mask(combined, spatial)).clamp(0, 1)
+
+    def _base_loss(
+        self,
+        problem: _Problem,
+        idx: torch.Tensor,
+        masks: torch.Tensor,
+        current: torch.Tensor,
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``L(M)`` ``(n,)`` for the Armijo test: with fresh noise a new evaluation (as the
+        authors' line search does), else the by-product of the gradient or the known value."""
+        if self.options.fresh_noise:
+            return self._objective(problem, idx, masks[idx])
+        if base is not None:
+            return base
+        base = current[idx]
+        missing = torch.isnan(base)
+        if bool(missing.any()):
+            base = base.clone()
+            base[missing] = self._objective(problem, idx[missing], masks[idx[missing]])
+        return base
 
     def _prepare(self, problem: _Problem, x: torch.Tensor) -> None:
         """Hook for per-batch precomputation (iGOS++: bilateral weights)."""
@@ -279,7 +348,8 @@ class _MaskOptimiser(Explainer):
         grad_sq: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Armijo back-tracking, each image with its own step. Returns (alpha, new_loss,
-        trials): alpha 0 and new_loss NaN where no step >= min_alpha is accepted."""
+        trials): new_loss NaN where no step >= min_alpha is accepted; there alpha is the first
+        step below ``min_alpha`` (the step the authors' code takes anyway)."""
         n = idx.numel()
         alpha = torch.full((n,), self.alpha0, device=masks.device, dtype=masks.dtype)
         new_loss = torch.full((n,), float("nan"), device=masks.device, dtype=masks.dtype)
@@ -300,8 +370,7 @@ class _MaskOptimiser(Explainer):
             bad = sel[~good]
             alpha[bad] = alpha[bad] * self.beta
             pending[bad[alpha[bad] < self.min_alpha]] = False
-        accepted = ~torch.isnan(new_loss)
-        return torch.where(accepted, alpha, torch.zeros_like(alpha)), new_loss, trials
+        return alpha, new_loss, trials
 
     def _optimise(
         self, problem: _Problem, batch: int, mask_size: tuple[int, ...], device: torch.device
@@ -325,25 +394,24 @@ class _MaskOptimiser(Explainer):
                     history.append(masks.detach().cpu().clone())
                 continue
             grad, base = self._direction(problem, idx, masks[idx])
-            if base is None:
-                base = current[idx]
-                missing = torch.isnan(base)
-                if bool(missing.any()):
-                    base = base.clone()
-                    base[missing] = self._objective(problem, idx[missing], masks[idx[missing]])
+            base = self._base_loss(problem, idx, masks, current, base)
             current[idx] = base
             grad_sq = grad.flatten(1).pow(2).sum(1)
             alpha, new_loss, trials = self._line_search(
                 problem, idx, masks[idx], grad, base, grad_sq
             )
             ok = ~torch.isnan(new_loss)
-            moved = idx[ok]
+            if not self.options.keep_going:
+                alpha = torch.where(ok, alpha, torch.zeros_like(alpha))
             expand = (-1, *([1] * (masks.dim() - 1)))
-            masks[moved] = (masks[moved] - alpha[ok].view(expand) * grad[ok]).clamp(0, 1)
-            current[moved] = new_loss[ok]
-            stopped = idx[~ok]
-            active[stopped] = False
-            stopped_at[stopped.cpu()] = t
+            masks[idx] = (masks[idx] - alpha.view(expand) * grad).clamp(0, 1)
+            # Without a step the loss stays known; after keep_going's unchecked step it is
+            # unknown (NaN) and evaluated when needed.
+            current[idx] = torch.where(ok | self.options.keep_going, new_loss, base)
+            if not self.options.keep_going:
+                stopped = idx[~ok]
+                active[stopped] = False
+                stopped_at[stopped.cpu()] = t
             cpu_idx = idx.cpu()
             loss_t[t, cpu_idx] = base.detach().cpu()
             new_loss_t[t, cpu_idx] = new_loss.cpu()
