@@ -43,6 +43,9 @@ from medexplain.runs.ray_engine import (  # noqa: E402
     ray_forward,
 )
 
+# One worker of `pytest -n 2 --dist loadgroup` runs this module: one Ray, started once.
+pytestmark = pytest.mark.xdist_group("ray")
+
 N_IMAGES = 24
 METHOD, PARAMS = "integrated_gradients", {"n_steps": 16}
 
