@@ -150,15 +150,7 @@ class _MaskOptimiser(Explainer):
             scale_l2 = not paper
         if armijo_slack is None:
             armijo_slack = 0.0 if paper else 1e-6
-        if size is not None:
-            sizes = (size,) if isinstance(size, int) else tuple(size)
-            if not sizes or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < MIN_MASK_SIZE for s in sizes
-            ):
-                raise ValueError(
-                    f"size must be an int >= {MIN_MASK_SIZE} or a tuple of such ints (one per "
-                    f"spatial dim), or None for {REFERENCE_MASK_SIZE}; got {size!r}"
-                )
+        _check_size(size)
         checks = {
             "iterations": (iterations, int(iterations) >= 1 if _is_int(iterations) else False),
             "integration_steps": (
@@ -446,6 +438,19 @@ class _MaskOptimiser(Explainer):
             f"integration_steps={self.integration_steps}, l1={self.l1}, l2={self.l2}, "
             f"baseline={self.baseline if isinstance(self.baseline, str) else 'tensor'!r}, "
             f"batch_size={self.batch_size}, seed={self.seed})"
+        )
+
+
+def _check_size(size: int | tuple[int, ...] | None) -> None:
+    if size is None:
+        return
+    sizes = (size,) if isinstance(size, int) else tuple(size)
+    if not sizes or any(
+        isinstance(s, bool) or not isinstance(s, int) or s < MIN_MASK_SIZE for s in sizes
+    ):
+        raise ValueError(
+            f"size must be an int >= {MIN_MASK_SIZE} or a tuple of such ints (one per "
+            f"spatial dim), or None for {REFERENCE_MASK_SIZE}; got {size!r}"
         )
 
 
