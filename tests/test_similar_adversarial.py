@@ -117,6 +117,30 @@ def test_loss_terms_and_weights():
     torch.testing.assert_close(terms["total"], expected)
 
 
+def test_paper_variant_weights_the_classification_terms_as_the_successor_code():
+    model = tiny_classifier().eval()
+    gen = UNet(UNetConfig(widths=(4, 8), residual=False))
+    x = torch.rand(4, 1, 12, 12)
+    paper = SimilarAdversarial(model, generator=gen, variant="paper")
+    assert paper.ce_weights == (0.01, 0.2)
+    terms = paper.losses(x)
+    expected = (
+        0.01 * terms["similar_ce"]
+        + 0.2 * terms["adversarial_ce"]
+        + 10.0 * terms["similar_rec"]
+        + 2.0 * terms["adversarial_rec"]
+    )
+    torch.testing.assert_close(terms["total"], expected)
+    # One weight given, the other from the variant; the default variant weighs 1 / 1.
+    mixed = SimilarAdversarial(model, generator=gen, variant="paper", similar_ce_weight=0.5)
+    assert mixed.ce_weights == (0.5, 0.2)
+    assert SimilarAdversarial(model, generator=gen).ce_weights == (1.0, 1.0)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        SimilarAdversarial(model, variant="successor")
+    with pytest.raises(ValueError, match="adversarial_ce_weight must be >= 0"):
+        SimilarAdversarial(model, adversarial_ce_weight=-1.0)
+
+
 def test_untrained_residual_generator_is_the_identity():
     gen = UNet(UNetConfig(spatial_dims=3, widths=(4, 8, 8)))
     x = torch.rand(2, 1, 9, 10, 11)  # odd sizes: the decoder resizes to each skip
@@ -185,6 +209,11 @@ def test_checkpoint_round_trip(tiny, tmp_path):
     raw = torch.load(path, weights_only=True)  # only tensors and plain values inside
     assert raw["kind"] == "similar_adversarial_unet"
     assert raw["extra"]["training"]["similar_weight"] == fitted.similar_weight
+    assert raw["extra"]["training"]["similar_ce_weight"] == fitted.ce_weights[0]
+    # a checkpoint keeps the variant and the classification weights it was trained with
+    paper = SimilarAdversarial(fitted.model, generator=fitted.generator, variant="paper")
+    reloaded = SimilarAdversarial(fitted.model, checkpoint=paper.save(tmp_path / "paper.pt"))
+    assert reloaded.variant == "paper" and reloaded.ce_weights == (0.01, 0.2)
     module, _ = load_checkpoint(path)
     assert isinstance(module, UNet) and module.config == fitted.generator.config
     loaded = create("similar_adversarial", fitted.model, checkpoint=path)
@@ -301,11 +330,36 @@ def test_fit_function_single_logit_and_3d(tmp_path):
     assert maps.shape == (6, 1, 8, 8, 8)
 
 
-def test_augmentation_parameters_are_the_papers():
+def test_augmentation_defaults_keep_alignment_and_paper_is_the_successor_codes():
     explainer = SimilarAdversarial(tiny_classifier())
-    assert explainer.augment == RandomAffine()
-    assert explainer.augment.zoom == (0.8, 1.0) and explainer.augment.flip is True
+    assert explainer.augment == RandomAffine(rotation=5.0, zoom=(0.8, 1.0), flip=False)
+    paper = SimilarAdversarial(tiny_classifier(), variant="paper")
+    assert paper.augment == RandomAffine(rotation=5.0, zoom=(0.8, 1.0), flip=(0,))
     assert SimilarAdversarial(tiny_classifier(), augment=False).augment is None
+    custom = SimilarAdversarial(tiny_classifier(), augment={"rotation": 2.0, "flip": (1,)})
+    assert custom.augment.rotation == 2.0 and custom.augment.flip == (1,)
+    # Property: an image bright in its left half stays brighter on the left after every
+    # default (and every paper) transform; the former default (all flips) swaps some.
+    image = torch.zeros(1, 1, 32, 32)
+    image[..., :16] = 1.0
+
+    def swapped(augment: RandomAffine) -> int:
+        theta = augment.sample(200, (32, 32), torch.Generator().manual_seed(0))
+        out = warp(image.expand(200, -1, -1, -1), theta, "border")
+        left, right = out[..., :16].mean((1, 2, 3)), out[..., 16:].mean((1, 2, 3))
+        return int((left < right).sum())
+
+    assert swapped(explainer.augment) == 0 and swapped(paper.augment) == 0
+    assert swapped(RandomAffine()) > 50  # about half of 200
+    # The paper's vertical flips do happen: top-bright images become bottom-bright.
+    theta = paper.augment.sample(200, (32, 32), torch.Generator().manual_seed(0))
+    top = warp(image.transpose(2, 3).expand(200, -1, -1, -1), theta, "border")
+    flipped = top[..., :16, :].mean((1, 2, 3)) < top[..., 16:, :].mean((1, 2, 3))
+    assert int(flipped.sum()) > 50
+    # Rotations stay within +-5 degrees: the linear part is zoom * rotation (square image).
+    linear = explainer.augment.sample(200, (32, 32), torch.Generator().manual_seed(1))[..., :2]
+    angles = torch.rad2deg(torch.atan2(linear[:, 1, 0], linear[:, 0, 0]))
+    assert angles.abs().max() <= 5.0 + 1e-4 and angles.abs().max() > 4.0
     # a zoom of 0.8 magnifies: the centre pixel stays, the image grows
     theta = torch.tensor([[[0.8, 0.0, 0.0], [0.0, 0.8, 0.0]]])
     image = torch.zeros(1, 1, 21, 21)

@@ -14,6 +14,11 @@ from torch import nn
 
 OTHER_TARGET = ("warn", "raise", "ignore")
 ADVERSARIAL_MODES = ("any",)
+#: ``variant`` values of the generator: medexplain's defaults or the successor code's.
+VARIANTS = ("default", "paper")
+#: Weights of the two classification terms ``(similar, adversarial)``: ours, and the
+#: successor code's (its similar "classification_sym" 0.01, adversarial 0.2).
+CE_WEIGHTS = {"default": (1.0, 1.0), "paper": (0.01, 0.2)}
 
 
 def two_class_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -98,8 +103,16 @@ def check_settings(
     other_target: str,
     epochs: int,
     train_batch_size: int,
+    variant: str = "default",
+    ce_weights: tuple[float, float] = (1.0, 1.0),
 ) -> None:
     """Raise on a setting :class:`~.similar_adversarial.SimilarAdversarial` cannot use."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if min(ce_weights) < 0:
+        raise ValueError(
+            f"similar_ce_weight and adversarial_ce_weight must be >= 0, got {ce_weights}"
+        )
     if similar_weight < 0 or adversarial_weight < 0:
         raise ValueError(
             "similar_weight and adversarial_weight must be >= 0, got "
@@ -129,9 +142,11 @@ def generator_losses(
     mode: str | int,
     similar_weight: float,
     adversarial_weight: float,
+    ce_weights: tuple[float, float] = (1.0, 1.0),
 ) -> dict[str, torch.Tensor]:
     """The four loss terms (means over the batch ``x`` ``(B, C, *spatial)``) and their
-    weighted ``total``; ``y^`` is the frozen ``model``'s decision on ``x``."""
+    weighted ``total`` (``ce_weights`` multiply the similar and the adversarial
+    classification terms); ``y^`` is the frozen ``model``'s decision on ``x``."""
     with torch.no_grad():
         predicted, target = adversarial_classes(two_class_logits(model(x)), mode)
     out = generator(x)
@@ -145,8 +160,8 @@ def generator_losses(
         "adversarial_rec": reconstruction(x_a, x_s).mean(),
     }
     terms["total"] = (
-        terms["similar_ce"]
-        + terms["adversarial_ce"]
+        ce_weights[0] * terms["similar_ce"]
+        + ce_weights[1] * terms["adversarial_ce"]
         + similar_weight * terms["similar_rec"]
         + adversarial_weight * terms["adversarial_rec"]
     )

@@ -7,14 +7,16 @@ otherwise. The explanation is where the two differ:
 
     E = sum over channels |x_s - x_a|     (B, 1, *spatial), unsigned, one forward pass
 
-Training loss per image (the paper's formulation):
+Training loss per image (the paper's formulation, with classification weights c_s, c_a):
 
-    CE(f(x_s), y^) + L_adv(f(x_a), y^) + w_s R(x_s, x) + w_a R(x_a, x_s),   R = MSE + MAE
+    c_s CE(f(x_s), y^) + c_a L_adv(f(x_a), y^) + w_s R(x_s, x) + w_a R(x_a, x_s),  R = MSE + MAE
 
 - ``w_s = similar_weight = 10`` and ``w_a = adversarial_weight = 2``: the paper does not fix
   the weights; the successors' code used reconstruction weights 10 and 2, which we read as
   10 for keeping ``x_s`` close to the input and 2 for keeping ``x_a`` close to ``x_s``.
-  ``R(x_a, x_s)`` back-propagates into both heads.
+  ``R(x_a, x_s)`` back-propagates into both heads. ``c_s = c_a = 1`` by default;
+  ``variant="paper"`` uses the successor code's 0.01 and 0.2
+  (``similar_ce_weight`` / ``adversarial_ce_weight`` override either).
 - ``L_adv`` (the paper is binary, where "classified otherwise" is one class; for K > 2
   classes, ``adversarial_target=`` chooses):
 
@@ -27,22 +29,21 @@ Training loss per image (the paper's formulation):
     make this image normal" (counterfactual to a reference class); images predicted as
     ``c`` themselves use the "any" loss.
 
-  For K = 2 both coincide with the paper's loss. (A third reading, cross-entropy to the
-  classifier's runner-up class, was tried and dropped: for a confident classifier the
-  runner-up is an arbitrary choice and training flipped fewer images.)
+  For K = 2 both coincide with the paper's loss. (Cross-entropy to the runner-up class was
+  tried and dropped: for a confident classifier that class is arbitrary.)
 - A model with one logit ``z`` is treated as the two-class logits ``(0, z)`` (softmax of
   which is the sigmoid), so ``y^ = [z > 0]``.
 - The classifier is frozen (eval mode, no parameter gradients) and restored afterwards.
-- Random geometric augmentation of the training inputs (rotation +-10 degrees, zoom 0.8-1,
-  flips; :class:`~medexplain.explain.augment.RandomAffine`) regularises the generator as
-  the paper reports; ``augment=False`` switches it off. ``y^`` is the decision on the
-  augmented image.
+- Random geometric augmentation of the training inputs regularises the generator as the
+  paper reports (:func:`.sa_variants.variant_augment`): by default rotation +-5 degrees and
+  zoom 0.8-1 without flips, so aligned images stay aligned (a left-right flip changes what a
+  position means); ``variant="paper"`` adds the successor code's vertical flips.
+  ``augment=False`` switches it off, a RandomAffine/dict/preset replaces it. ``y^`` is the
+  decision on the augmented image.
 
 Training goes through the shared :func:`medexplain.models.loop.train_loop` (progress,
 early stopping on the validation metric ``kept * flipped`` = fraction of similar images
 that keep ``y^`` times fraction of adversarial images that leave it, ``max_seconds``).
-
-Two ways to get an explainer:
 
 >>> explainer = create("similar_adversarial", model, checkpoint="gen.pt")   # saved by fit
 >>> explainer = create("similar_adversarial", model, generator=fitted_unet)  # a UNet module
@@ -71,7 +72,7 @@ from torch.utils.data import DataLoader, Dataset
 from ...core.model import model_guard, seeded_generator
 from ...core.scores import chunked
 from ...models.fingerprint import check_classifier, classifier_record
-from ..augment import RandomAffine, as_random_affine, warp
+from ..augment import RandomAffine, warp
 from ..base import Explainer, register
 from .adversarial_losses import (
     _images,
@@ -83,6 +84,7 @@ from .adversarial_losses import (
     reconstruction,
     two_class_logits,
 )
+from .sa_variants import augment_record, resolve_augment, resolve_ce_weights
 from .unet import UNet, UNetConfig
 
 CHECKPOINT_KIND = "similar_adversarial_unet"
@@ -117,9 +119,12 @@ class SimilarAdversarial(Explainer):
     ``residual`` (heads predict ``x + delta``).
 
     Loss and training (see the module docstring for the sources of the defaults):
-    ``similar_weight`` (w_s = 10), ``adversarial_weight`` (w_a = 2), ``adversarial_target``
-    (``"any"`` or a class index), ``augment`` (True = :class:`RandomAffine` defaults, False,
-    or a RandomAffine/dict/preset name), ``epochs``, ``lr`` (Adam), ``train_batch_size``,
+    ``variant`` (``"default"`` or ``"paper"``: the successor code's classification weights
+    and augmentation), ``similar_weight`` (w_s = 10), ``adversarial_weight`` (w_a = 2),
+    ``similar_ce_weight`` / ``adversarial_ce_weight`` (c_s, c_a: 1 / 1, paper 0.01 / 0.2),
+    ``adversarial_target`` (``"any"`` or a class index), ``augment`` (True = the variant's
+    augmentation, False, or a RandomAffine/dict/preset name), ``epochs``, ``lr`` (Adam),
+    ``train_batch_size``,
     ``patience``, ``max_seconds`` (None = no limit). The optimiser settings (Adam, lr 2e-3,
     batches of 16, early stopping after 8 epochs without improvement) are ours: the paper
     does not give them.
@@ -152,8 +157,13 @@ class SimilarAdversarial(Explainer):
         force: bool = False,
         batch_size: int = 32,
         seed: int = 0,
+        variant: str = "default",
+        similar_ce_weight: float | None = None,
+        adversarial_ce_weight: float | None = None,
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
+        self.variant = variant
+        self.ce_weights = resolve_ce_weights(variant, similar_ce_weight, adversarial_ce_weight)
         self.force = bool(force)
         self.input_shape: tuple[int, ...] | None = None
         if checkpoint is not None and generator is not None:
@@ -165,6 +175,8 @@ class SimilarAdversarial(Explainer):
             other_target,
             epochs,
             train_batch_size,
+            variant,
+            self.ce_weights,
         )
         self.widths = tuple(int(w) for w in widths)
         self.norm = norm
@@ -172,12 +184,7 @@ class SimilarAdversarial(Explainer):
         self.similar_weight = float(similar_weight)
         self.adversarial_weight = float(adversarial_weight)
         self.adversarial_target = adversarial_target
-        if augment is True:
-            self.augment: RandomAffine | None = RandomAffine()
-        elif augment is False or augment is None:
-            self.augment = None
-        else:
-            self.augment = as_random_affine(augment)
+        self.augment = resolve_augment(augment, variant)
         self.epochs = int(epochs)
         self.lr = float(lr)
         self.train_batch_size = int(train_batch_size)
@@ -282,7 +289,9 @@ class SimilarAdversarial(Explainer):
         """
         generator = generator or self._require_generator()
         weights = (self.similar_weight, self.adversarial_weight)
-        return generator_losses(self.model, generator, x, self.adversarial_target, *weights)
+        return generator_losses(
+            self.model, generator, x, self.adversarial_target, *weights, self.ce_weights
+        )
 
     @torch.no_grad()
     def decision_rates(self, data: Dataset | torch.Tensor) -> dict[str, float]:
@@ -401,22 +410,14 @@ class SimilarAdversarial(Explainer):
 
     def training_parameters(self) -> dict[str, Any]:
         """The loss/training hyper-parameters as plain values (stored in checkpoints)."""
-        augment = None
-        if self.augment is not None:
-            augment = {
-                "rotation": self.augment.rotation,
-                "zoom": list(self.augment.zoom),
-                "flip": self.augment.flip
-                if isinstance(self.augment.flip, bool)
-                else list(self.augment.flip),
-                "translate": self.augment.translate,
-                "padding_mode": self.augment.padding_mode,
-            }
         return {
+            "variant": self.variant,
             "similar_weight": self.similar_weight,
             "adversarial_weight": self.adversarial_weight,
+            "similar_ce_weight": self.ce_weights[0],
+            "adversarial_ce_weight": self.ce_weights[1],
             "adversarial_target": self.adversarial_target,
-            "augment": augment,
+            "augment": augment_record(self.augment),
             "epochs": self.epochs,
             "lr": self.lr,
             "train_batch_size": self.train_batch_size,
@@ -456,15 +457,18 @@ class SimilarAdversarial(Explainer):
         check_classifier(extra, self.model, path, self.force)
         self.set_generator(module)
         training = (extra or {}).get("training", {})
-        for key in ("similar_weight", "adversarial_weight", "adversarial_target"):
+        for key in ("variant", "similar_weight", "adversarial_weight", "adversarial_target"):
             if key in training:
                 setattr(self, key, training[key])
+        if training:  # checkpoints saved before the classification weights used 1 / 1
+            keys = ("similar_ce_weight", "adversarial_ce_weight")
+            self.ce_weights = (float(training.get(keys[0], 1)), float(training.get(keys[1], 1)))
         return self
 
     def __repr__(self) -> str:
         state = "fitted" if self.fitted else "unfitted"
         return (
-            f"SimilarAdversarial({state}, w_s={self.similar_weight}, "
+            f"SimilarAdversarial({state}, variant={self.variant!r}, w_s={self.similar_weight}, "
             f"w_a={self.adversarial_weight}, "
             f"adversarial_target={self.adversarial_target!r}, augment={self.augment is not None})"
         )
