@@ -70,6 +70,19 @@ def _ray_options(
     return options
 
 
+def _explain_engines(engine: str, address, workers, gpus: float, device: str):
+    """``(engine, accumulator)`` for ``explain_run`` and ``global_run``: the local ones
+    (None, ``accumulate``) or Ray's."""
+    from ..runs import accumulate
+
+    options = _ray_options(engine, address, workers, gpus, device)
+    if options is None:
+        return None, accumulate
+    from ..runs.ray_engine import RayEngine, ray_accumulator
+
+    return RayEngine(options), ray_accumulator(options)
+
+
 # Over 80 lines only because Typer declares each of its 20 options in the signature.
 @app.command()
 @guard
@@ -144,15 +157,10 @@ def explain(
     --method integrated_gradients --param n_steps=32 --out runs/ad
     (add --engine ray --address auto to explain on a Ray cluster)
     """
-    from ..runs import ExplainSettings, accumulate, explain_run, global_run
+    from ..runs import ExplainSettings, explain_run, global_run
 
     check_out_folder(out)
-    ray_options = _ray_options(engine, address, workers, gpus_per_worker, device)
-    engine_object, accumulator = None, accumulate
-    if ray_options is not None:
-        from ..runs.ray_engine import RayEngine, ray_accumulator
-
-        engine_object, accumulator = RayEngine(ray_options), ray_accumulator(ray_options)
+    engine_object, accumulator = _explain_engines(engine, address, workers, gpus_per_worker, device)
     params = parse_params(param)
     _check_method_params(method, params)
     settings = ExplainSettings(
