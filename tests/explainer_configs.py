@@ -91,6 +91,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         # through the classifier), so the entry is marked slow.
         "slow": True,
     },
+    # Learned: XNN's explanation network fitted for 20 epochs on the features of 12 random
+    # images (explain/generative/xnn.py); its maps are Grad-CAM maps of the x-features.
+    "xnn": {"factory": lambda model, dims, input_shape: fit_tiny_xnn(model, input_shape)},
     # Wrapper template: two random rotations/zooms/flips around saliency (explain/augment.py).
     "augmented:<name>": {
         "factory": lambda model, dims: create("augmented:saliency", model, n=2, batch_size=2)
@@ -186,3 +189,16 @@ def fit_tiny_warp_simulator(model: nn.Module, input_shape: tuple[int, ...]) -> E
         progress=False,
         batch_size=TEST_BATCH_SIZE,
     )
+
+
+def fit_tiny_xnn(model: nn.Module, input_shape: tuple[int, ...]) -> Explainer:
+    """XNN (k=3) fitted for 20 epochs on the layer features of 12 random images (about a
+    second). The model is left as found (the fit runs under model_guard)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from medexplain.explain.generative.xnn import fit_xnn
+
+    x = torch.rand((12, *input_shape), generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(x, torch.zeros(12, dtype=torch.long))
+    return fit_xnn(model, data, k=3, epochs=20, progress=False, batch_size=TEST_BATCH_SIZE)

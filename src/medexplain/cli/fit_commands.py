@@ -195,3 +195,59 @@ def fit_warp_simulator_command(
     explainer.fit(train, val, progress=progress)
     explainer.save(out)
     console.print(f"[green]done[/green]: {out}")
+
+
+@fit_app.command("xnn")
+@guard
+def fit_xnn_command(
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write.")],
+    model: ModelOpt = None,
+    model_factory: FactoryOpt = None,
+    model_config: ConfigOpt = None,
+    data: Annotated[Path | None, typer.Option(help="CSV manifest or folder.")] = None,
+    shape: ShapeOpt = None,
+    normalise: NormaliseOpt = "none",
+    layer: Annotated[
+        str | None,
+        typer.Option(help="Module to embed (default: the pooled features entering the head)."),
+    ] = None,
+    k: Annotated[int, typer.Option(help="Number of x-features.", min=1)] = 5,
+    param: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
+    max_seconds: Annotated[float, typer.Option(help="Training time cap.", min=0)] = 180.0,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: DeviceOpt = "cpu",
+    progress: ProgressOpt = True,
+) -> None:
+    """Fit XNN: a few x-features of one layer from which a linear head reproduces the logits.
+
+    Without --model and --data it fits on the built-in benchmark with a freshly trained
+    classifier.
+
+    Example: medexplain fit xnn --model cnn.pt --data train.csv --k 5 --out xnn.ckpt
+    """
+    import inspect
+    from dataclasses import fields
+
+    from ..explain.generative.xnn import XNNExplainer, XNNFitConfig
+
+    check_out_file(out)
+    params = parse_params(param)
+    known = set(inspect.signature(XNNExplainer).parameters) - {"model", "params", "checkpoint"}
+    known = (known | {f.name for f in fields(XNNFitConfig)}) - {"force"}
+    for name, option in (("layer", "--layer"), ("k", "--k")):
+        if name in params:
+            raise fail(f"--param {name}: use the option {option} of fit xnn")
+    _check_param_names(params, known, "xnn")
+    net, train, val = _fit_inputs(
+        model, model_factory, model_config, data, shape, normalise, device, max_seconds
+    )
+    explainer = _built(
+        "xnn",
+        lambda: XNNExplainer(net, k=k, layer=layer, max_seconds=max_seconds, seed=seed, **params),
+    )
+    try:
+        explainer.fit(train, val, progress=progress)
+    except ValueError as error:  # a --layer that is not a module of the model
+        raise fail(f"--layer: {one_line(error)}") from None
+    explainer.save(out)
+    console.print(f"[green]done[/green]: {out}")

@@ -16,7 +16,7 @@ from .base import (
     register,
     register_wrapper,
 )
-from .generative import similar_adversarial, warp_simulator  # noqa: F401
+from .generative import similar_adversarial, warp_simulator, xnn  # noqa: F401
 
 __all__ = [
     "Explainer",
