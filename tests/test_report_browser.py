@@ -176,6 +176,14 @@ def test_2d_run_report_in_chromium(browser, run2d, tmp_path):
     inside = np.zeros((16, 16), bool)
     inside[4:12, 2:8] = True
     assert cell[inside].min() > cell[~inside].max()
+    # an example image is drawn over itself, not over the mean image
+    example = next(g for g in _groups(page) if g.startswith("image #"))
+    _set(page, "group", example)
+    assert (_canvas(page, "image") != pixels[..., None]).any()
+    own = _canvas(page, "image")[..., 0].astype(float).reshape(16, scale, 16, scale).mean((1, 3))
+    row = int(example.split("#")[1].split()[0])
+    image = np.load(run2d.parent.parent / f"i{row:02d}.npy")
+    assert np.corrcoef(own.ravel(), image.ravel())[0, 1] > 0.9
     page.close()
 
 

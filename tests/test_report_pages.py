@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.special import expit, softmax
+from scipy.stats import spearmanr
 
 from medexplain.models.checkpoint import save_checkpoint
 from medexplain.models.cnn import CNNConfig, build_classifier
@@ -183,11 +184,25 @@ def test_run_report_counts_maps_and_leaves_global_alone(run2d):
     labels = np.concatenate([c.label for c in chunks])
     chosen = np.abs(maps[labels == 1])
     expected = (chosen / chosen.reshape(len(chosen), -1).max(axis=1)[:, None, None]).mean(0)
-    scale = data["methods"]["saliency"]["scale"]
     name = next(g for g in groups if g.startswith("label: b"))
-    codes = np.frombuffer(base64.b64decode(groups[name]), np.uint8).reshape(16, 16)
+    scale = groups[name]["scale"]
+    codes = np.frombuffer(base64.b64decode(groups[name]["data"]), np.uint8).reshape(16, 16)
     assert np.abs(codes / 255 * scale - expected).max() <= scale / 510 + 1e-9
     assert data["shape"] == [16, 16] and data["views"] == [{"name": "image", "axis": None}]
+    # each example image: its own map (|E|, on its own scale) over the image itself
+    examples = [g for g in groups if g.startswith("image #")]
+    assert examples
+    rows = {int(c.index[j]): c.maps[j, 0] for c in chunks for j in range(len(c))}
+    for name in examples:
+        row = int(name.split("#")[1].split()[0])
+        entry = groups[name]
+        heat = np.abs(rows[row].astype(np.float64))
+        codes = np.frombuffer(base64.b64decode(entry["data"]), np.uint8).reshape(16, 16)
+        assert entry["scale"] == pytest.approx(heat.max())
+        assert np.abs(codes / 255 * entry["scale"] - heat).max() <= entry["scale"] / 510 + 1e-9
+        shown = np.frombuffer(base64.b64decode(data["backgrounds"][entry["background"]]), np.uint8)
+        image = np.load(run2d.parent / f"i{row:02d}.npy").ravel()
+        assert spearmanr(shown, image)[0] > 0.95  # 8 bits between percentiles: monotone
     for heading in ("Predictions", "Image-wise explanations", "Interactive view", "model sha256"):
         assert heading in page
 

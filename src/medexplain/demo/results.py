@@ -100,6 +100,7 @@ def report_data(state: DemoState) -> ReportData:
             counts={k: int(n) for k, n in r.counts.items()},
             signed=signed,
             how=how,
+            transform=state.settings.transform,
         )
         for name, r in ((n, o.global_result) for n, o in state.outcomes.items())
     }

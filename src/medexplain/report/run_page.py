@@ -33,12 +33,26 @@ OUTCOMES = ("TP", "FP", "FN", "TN")
 class MethodMaps:
     """One method's global maps: group key (``("label", name)``, ``("prediction", name)``,
     ``("outcome", name, "TP")``, ``("overall",)``) -> mean map ``(*S)``, image counts per
-    key, whether the maps are signed, and how they were made (e.g. ``"max, abs"``)."""
+    key, whether the maps are signed, how they were made (e.g. ``"max, abs"``) and the
+    transform each image's map went through first (``"abs"``, ``"positive"``, ``"signed"``;
+    None: ``"signed"`` for signed maps, else ``"abs"``)."""
 
     groups: dict[tuple[str, ...], np.ndarray]
     counts: dict[tuple[str, ...], int]
     signed: bool
     how: str = ""
+    transform: str | None = None
+
+    def as_shown(self, heat: np.ndarray) -> np.ndarray:
+        """A single image's map ``(*S)`` under the global maps' transform, so it is drawn
+        on the same kind of scale: ``|E|`` (abs), ``max(E, 0)`` (positive) or ``E``."""
+        transform = self.transform or ("signed" if self.signed else "abs")
+        heat = np.asarray(heat, dtype=np.float64)
+        if transform == "abs":
+            return np.abs(heat)
+        if transform == "positive":
+            return np.clip(heat, 0.0, None)
+        return heat
 
 
 @dataclass
@@ -133,7 +147,7 @@ def examples_section(data: ReportData, figures: Path) -> str:
             panels = [
                 (
                     e.image if e.image is not None else data.mean_image,
-                    e.maps[method],
+                    maps.as_shown(e.maps[method]),
                     _example_title(data, e.position),
                 )
                 for e in chosen
@@ -208,6 +222,7 @@ def _group_name(key: tuple[str, ...], count: int) -> str:
 
 
 def viewer_section(data: ReportData) -> str:
+    """The interactive viewer: every method's group maps and the example images."""
     methods = {}
     for method, maps in data.methods.items():
         groups = {_group_name(key, maps.counts.get(key, 0)): a for key, a in maps.groups.items()}
@@ -217,10 +232,26 @@ def viewer_section(data: ReportData) -> str:
     maps = next(iter(data.methods.values()))
     overall = maps.groups.get(("overall",))
     cut = mass_cut(overall) if overall is not None and overall.ndim == 3 else None
+    images = {
+        f"image {data.names[e.position]} ({e.why})": (
+            e.image if e.image is not None else data.mean_image,
+            {m: data.methods[m].as_shown(heat) for m, heat in e.maps.items() if m in data.methods},
+        )
+        for e in data.examples
+    }
     return (
-        "<p>Switch the method and the group; the threshold hides values below that fraction "
-        "of the method's largest |value|.</p>"
-        + viewer_html(data.mean_image, methods, affine=data.affine, initial_group=initial, cut=cut)
+        "<p>Switch the method and the group: the groups' mean maps over the mean image share "
+        "one scale per method; the example images (at the end of the list) are drawn each "
+        "over its own image on its own scale. The threshold hides values below that "
+        "fraction of the scale.</p>"
+        + viewer_html(
+            data.mean_image,
+            methods,
+            images=images,
+            affine=data.affine,
+            initial_group=initial,
+            cut=cut,
+        )
     )
 
 

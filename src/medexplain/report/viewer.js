@@ -1,8 +1,10 @@
 /* medexplain report viewer: maps over an image, drawn on canvases from 8-bit arrays
    embedded in the page (no network, no library). 3D: three orthogonal slice views with a
    slider each, a crosshair (click a view to move it) and orientation letters; 2D: one view.
-   Controls: method, group, overlay opacity (times the value's fraction of the scale, so weak
-   values leave the image visible), threshold (fraction of the method's scale). */
+   Controls: method, group (the group maps of a method share one scale; a single image's
+   map is drawn over that image on its own scale), overlay opacity (times the value's
+   fraction of the scale, so weak values leave the image visible), threshold (fraction of
+   the scale). */
 (function () {
   "use strict";
   function bytes(b64) {
@@ -70,9 +72,20 @@
     Object.keys(groups).forEach(function (g) { option(group, g); });
     if (before && before in groups) group.value = before;
   };
+  Viewer.prototype.group = function () {
+    return this.data.methods[this.q("method").value].groups[this.q("group").value];
+  };
   Viewer.prototype.map = function () {
     var m = this.q("method").value, g = this.q("group").value, key = m + "\u0000" + g;
-    if (!(key in this.cache)) this.cache[key] = bytes(this.data.methods[m].groups[g]);
+    if (!(key in this.cache)) this.cache[key] = bytes(this.group().data);
+    return this.cache[key];
+  };
+  /* A single image's entry is drawn over that image; group maps over the mean image. */
+  Viewer.prototype.image = function () {
+    var name = this.group().background;
+    if (!name) return this.background;
+    var key = "image\u0000" + name;
+    if (!(key in this.cache)) this.cache[key] = bytes(this.data.backgrounds[name]);
     return this.cache[key];
   };
   /* In-plane axes of a view: columns run along u (left to right), rows along v (bottom to
@@ -92,8 +105,8 @@
     var opacity = parseFloat(this.q("opacity").value);
     var threshold = parseFloat(this.q("threshold").value);
     this.q("opacity-value").textContent = opacity.toFixed(2);
-    this.q("threshold-value").textContent = (threshold * method.scale).toPrecision(3);
-    var rgb = this.data.rgb, bg = this.background;
+    this.q("threshold-value").textContent = (threshold * this.group().scale).toPrecision(3);
+    var rgb = this.data.rgb, bg = this.image();
     this.views.forEach(function (v) {
       var plane = self.plane(v.spec), w, h, at;
       if (plane === null) {

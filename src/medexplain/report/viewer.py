@@ -111,6 +111,7 @@ def viewer_html(
     background: np.ndarray,
     methods: Mapping[str, tuple[bool, Mapping[str, np.ndarray]]],
     *,
+    images: Mapping[str, tuple[np.ndarray, Mapping[str, np.ndarray]]] | None = None,
     affine: np.ndarray | None = None,
     initial_group: str | None = None,
     cut: Sequence[int] | None = None,
@@ -120,9 +121,11 @@ def viewer_html(
     """The viewer's HTML (controls, canvases, data and script) for maps over one image.
 
     background: ``(C, *S)`` (RGB when ``C == 3``, else the channel mean in grey);
-    methods: name -> (signed, {group name: map ``(*S)``}); every map of a method shares one
-    colour scale (its largest |value|), diverging (``RdBu_r``) when signed, sequential
-    (``inferno``) otherwise. ``cut``: the voxel the 3D views start at (default the centre).
+    methods: name -> (signed, {group name: map ``(*S)``}); every group map of a method
+    shares one colour scale (its largest |value|), diverging (``RdBu_r``) when signed,
+    sequential (``inferno``) otherwise. images: name -> (image ``(C, *S)``, {method: map
+    ``(*S)``}): single images, each a further entry of the group list drawn over its own
+    image on its own scale. ``cut``: the voxel the 3D views start at (default the centre).
     Arrays are block-averaged to at most ``max_size`` samples per axis (default 256 for
     images, 128 for volumes) and ``budget`` bytes in all.
     """
@@ -130,15 +133,21 @@ def viewer_html(
     spatial = background.shape[1:]
     ndim = len(spatial)
     rgb = background.shape[0] == 3
+    images = images or {}
     n_arrays = sum(len(groups) for _, groups in methods.values()) + (3 if rgb else 1)
+    n_arrays += sum(len(maps) + (3 if rgb else 1) for _, maps in images.values())
     max_size = max_size or (128 if ndim == 3 else 256)
     factor = _factor(spatial, n_arrays, max_size, budget)
-    image = np.moveaxis(background, 0, -1) if rgb else background.mean(axis=0)
-    image = _grey(downsample(image, factor, rgb=rgb))
-    shape = list(image.shape[:ndim])
     encoded = {
         name: _encode(groups, signed, spatial, factor) for name, (signed, groups) in methods.items()
     }
+    backgrounds = {}
+    for name, (image, maps) in images.items():
+        backgrounds[name] = _b64(_background(image, factor, rgb))
+        for method, heat in maps.items():
+            if method in encoded:
+                entry = _encode({name: heat}, encoded[method]["signed"], spatial, factor)
+                encoded[method]["groups"][name] = {**entry["groups"][name], "background": name}
     first = next(iter(encoded))
     letters = axis_letters(affine) if ndim == 3 else []
     names = view_names(letters) if ndim == 3 else []
@@ -147,10 +156,12 @@ def viewer_html(
         if ndim == 3
         else [{"name": "image", "axis": None}]
     )
+    mean = _background(background, factor, rgb)
     data = {
-        "shape": shape,
+        "shape": list(mean.shape[:ndim]),
         "rgb": rgb,
-        "background": _b64(image),
+        "background": _b64(mean),
+        "backgrounds": backgrounds,
         "luts": {"seq": _lut("inferno"), "div": _lut("RdBu_r")},
         "methods": encoded,
         "initial": {
@@ -163,14 +174,24 @@ def viewer_html(
         "factor": factor,
     }
     if cut is not None and ndim == 3:
-        data["cut"] = [min(int(c) // factor, n - 1) for c, n in zip(cut, shape)]
+        data["cut"] = [min(int(c) // factor, n - 1) for c, n in zip(cut, data["shape"])]
     return _page(data)
+
+
+def _background(image: np.ndarray, factor: int, rgb: bool) -> np.ndarray:
+    """An image ``(C, *S)`` as the viewer draws it: 8-bit ``(*S', 3)`` or ``(*S')``."""
+    image = np.asarray(image, dtype=np.float64)
+    if rgb and image.shape[0] != 3:
+        image = np.repeat(image.mean(axis=0, keepdims=True), 3, axis=0)
+    flat = np.moveaxis(image, 0, -1) if rgb else image.mean(axis=0)
+    return _grey(downsample(flat, factor, rgb=rgb))
 
 
 def _encode(
     groups: Mapping[str, np.ndarray], signed: bool, spatial: Sequence[int], factor: int
 ) -> dict[str, Any]:
-    """One method's maps, downsampled and quantised on the method's one scale."""
+    """One method's maps, downsampled and quantised on one scale (their largest |value|):
+    ``{"signed", "scale", "groups": {name: {"data": base64, "scale"}}}``."""
     small = {
         g: downsample(np.asarray(m, dtype=np.float64).reshape(spatial), factor)
         for g, m in groups.items()
@@ -179,7 +200,9 @@ def _encode(
     return {
         "signed": bool(signed),
         "scale": scale,
-        "groups": {g: _b64(quantise(m, scale, signed)) for g, m in small.items()},
+        "groups": {
+            g: {"data": _b64(quantise(m, scale, signed)), "scale": scale} for g, m in small.items()
+        },
     }
 
 

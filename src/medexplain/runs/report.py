@@ -75,6 +75,7 @@ def _method_maps(store: RunStore, record: dict[str, Any]):
         counts={key: int(n) for key, n in result.counts.items()},
         signed=transform == "signed",
         how=f"{normalise}, {transform}",
+        transform=transform,
     )
 
 
