@@ -108,7 +108,7 @@ def test_faithful_on_held_out_images(classifier, fitted):
 
 def test_pull_away_term_lowers_the_similarity_of_x_features(classifier):
     train, held_out = data(images(160, 0)), images(100, 99)
-    common = dict(progress=False, epochs=100, batch_size=8, train_batch_size=32)
+    common = dict(progress=False, epochs=60, batch_size=16, train_batch_size=32)
     without = fit_xnn(classifier, train, pull_away_weight=0.0, **common)
     with_term = fit_xnn(classifier, train, pull_away_weight=1.0, **common)
     z, _ = collect_features(classifier, classifier.head, "input", [held_out])
@@ -127,7 +127,8 @@ def test_contributions_sum_to_the_head_logit_and_weight_the_map(fitted):
 
 
 def test_gradcam_x_feature_map_matches_a_hand_computation(classifier, fitted):
-    """Grad-CAM of x-feature j at the last convolution, with autograd written out."""
+    """Grad-CAM of x-feature j at the last convolution, with autograd written out (signed:
+    XNN keeps the negative part)."""
     x = images(2, 7)
     maps = fitted.feature_maps(x)
     conv = classifier.last_conv
@@ -140,7 +141,7 @@ def test_gradcam_x_feature_map_matches_a_hand_computation(classifier, fitted):
             e = net.encode(z)[:, j].sum()
             (grad,) = torch.autograd.grad(e, store["a"])
             alpha = grad.mean(dim=(2, 3), keepdim=True)
-            cam = torch.relu((alpha * store["a"]).sum(1, keepdim=True))
+            cam = (alpha * store["a"]).sum(1, keepdim=True)
             cam = nn.functional.interpolate(
                 cam, size=SHAPE[1:], mode="bilinear", align_corners=True
             )
@@ -266,3 +267,12 @@ def test_cli_fit_then_explain(tmp_path):
     x = torch.stack([torch.from_numpy(a)[None] for a in images])
     assert maps.shape == (8, 1, 16, 16)
     assert torch.allclose(maps, explainer(x), atol=1e-5 * float(maps.abs().max()))
+
+
+def test_fit_xnn_help_has_an_example():
+    from typer.testing import CliRunner
+
+    from medexplain.cli import app
+
+    result = CliRunner().invoke(app, ["fit", "xnn", "--help"])
+    assert result.exit_code == 0 and "Example: medexplain fit xnn" in result.output
