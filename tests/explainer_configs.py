@@ -192,7 +192,7 @@ def fit_tiny_warp_simulator(model: nn.Module, input_shape: tuple[int, ...]) -> E
 
 
 def fit_tiny_xnn(model: nn.Module, input_shape: tuple[int, ...]) -> Explainer:
-    """XNN (k=3) fitted for 20 epochs on the layer features of 12 random images (about a
+    """XNN (k=2) fitted for 20 epochs on the layer features of 12 random images (about a
     second). The model is left as found (the fit runs under model_guard)."""
     import torch
     from torch.utils.data import TensorDataset
@@ -201,4 +201,4 @@ def fit_tiny_xnn(model: nn.Module, input_shape: tuple[int, ...]) -> Explainer:
 
     x = torch.rand((12, *input_shape), generator=torch.Generator().manual_seed(0))
     data = TensorDataset(x, torch.zeros(12, dtype=torch.long))
-    return fit_xnn(model, data, k=3, epochs=20, progress=False, batch_size=TEST_BATCH_SIZE)
+    return fit_xnn(model, data, k=2, epochs=20, progress=False, batch_size=TEST_BATCH_SIZE)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ...core.model import model_guard
+from ...core.scores import chunked, default_targets
 from ...models.checkpoint import load_checkpoint, save_checkpoint
 from ...models.fingerprint import check_classifier, classifier_record
 from ...models.loop import TrainHistory, train_loop
@@ -278,17 +279,26 @@ class XNNExplainer(Explainer):
             )
             return e, network.predict(e)
 
+    def _map_method(self) -> Explainer:
+        """The explainer of the x-features (kept while its settings and network stay)."""
+        network = self._fitted()
+        key = (self.feature_map, self.cam_layer, self.n_steps, self.batch_size, id(network))
+        if getattr(self, "_method_key", None) != key:
+            wrapped = XFeatureModel(self.model, network)
+            if self.feature_map == "gradcam":
+                method: Explainer = GradCAM(
+                    wrapped, layer=self.cam_layer, relu=False, batch_size=self.batch_size
+                )
+            else:
+                method = IntegratedGradientsExplainer(
+                    wrapped, n_steps=self.n_steps, batch_size=self.batch_size
+                )
+            self._method, self._method_key = method, key
+        return self._method
+
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Per-x-feature maps ``(B, k, *S)`` (Grad-CAM or integrated gradients of ``e_j``)."""
-        wrapped = XFeatureModel(self.model, self._fitted())
-        if self.feature_map == "gradcam":
-            method: Explainer = GradCAM(
-                wrapped, layer=self.cam_layer, relu=False, batch_size=self.batch_size
-            )
-        else:
-            method = IntegratedGradientsExplainer(
-                wrapped, n_steps=self.n_steps, batch_size=self.batch_size
-            )
+        method = self._map_method()
         return torch.cat([method(x, j) for j in range(self.k)], dim=1)
 
     def explain(self, x: torch.Tensor, target: int | torch.Tensor | None = None) -> XNNExplanation:
@@ -296,7 +306,7 @@ class XNNExplainer(Explainer):
         x = x.to(self.device, torch.float32)
         if target is None:
             with torch.no_grad(), model_guard(self.model):
-                target = self.model(x).argmax(dim=1)
+                target = default_targets(chunked(self.model, x, self.batch_size))
         targets = torch.as_tensor(target, device=self.device).long().reshape(-1)
         targets = targets.expand(x.shape[0]) if targets.numel() == 1 else targets
         e, logits = self.x_features(x)
