@@ -75,9 +75,9 @@ def test_sparse_reconstruction_and_total_by_hand():
     terms = xnn_losses(net, zb, yb, reconstruction_weight=0.3, pull_away_weight=0.7)
     e, y_hat, z_rec = net(zb)
     faith = ((y_hat - yb) ** 2).mean() / net.y_scale**2
-    assert float(terms["faithfulness"]) == pytest.approx(float(faith))
+    assert float(terms["faithfulness"].detach()) == pytest.approx(float(faith.detach()))
     total = faith + 0.3 * sparse_reconstruction(z_rec, zb) + 0.7 * pull_away(e)
-    assert float(terms["total"]) == pytest.approx(float(total), rel=1e-6)
+    assert float(terms["total"].detach()) == pytest.approx(float(total.detach()), rel=1e-6)
 
 
 def test_default_layer_is_the_pooled_features_entering_the_head(classifier):
@@ -276,3 +276,24 @@ def test_fit_xnn_help_has_an_example():
 
     result = CliRunner().invoke(app, ["fit", "xnn", "--help"])
     assert result.exit_code == 0 and "Example: medexplain fit xnn" in result.output
+
+
+def test_x_feature_global_maps_and_figure(fitted, tmp_path):
+    """Each x-feature's label-wise global map is the mean of its maps over the label's
+    images (no normalisation); the figure has the bar chart and one row per x-feature."""
+    from medexplain.explain.generative.xnn_global import global_view
+    from medexplain.report.xnn_plot import plot_xnn, x_feature_global_maps
+
+    x = images(6, 21)
+    labels = torch.tensor([0, 1, 0, 1, 2, 0])
+    results = x_feature_global_maps(
+        fitted, x, labels, ["a", "b", "c"], batch_size=4, normalise="none"
+    )
+    maps = fitted.feature_maps(x).double()
+    for j, result in enumerate(results):
+        expected = maps[labels == 0, j].mean(0)
+        assert torch.allclose(result.groups[("label", "a")].mean[0], expected, atol=1e-6)
+    view = global_view(fitted, x, labels, ["a", "b", "c"], n_top=2)
+    figure = plot_xnn(view, x, results, n_top=2, path=tmp_path / "xnn.png")
+    assert (tmp_path / "xnn.png").stat().st_size > 0
+    assert len(figure.axes) == 1 + fitted.k * (2 + 3)
