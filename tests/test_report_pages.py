@@ -225,6 +225,14 @@ def test_failing_checks_are_marked(run2d):
     assert "<li class='fail'><b>FAIL</b> PEPPR erase below random" in page
     assert "<li class='pass'><b>PASS</b> PEPPR restore above random" in page
     assert re.search(r"<li class='fail'><b>FAIL</b> sanity[^<]*: ρ = 0.900", page)
+    # maps that collapse to a constant are a failure, not a pass by "no correlation"
+    evaluation["sanity"] = {"rank_correlation_fully_randomized": None, "degenerate_fraction": 1}
+    (run2d / "evaluation.json").write_text(json.dumps(evaluation))
+    try:
+        page = report_run(run2d, log=lambda *_: None).read_text()
+    finally:
+        (run2d / "evaluation.json").unlink()
+    assert re.search(r"<li class='fail'><b>FAIL</b> sanity[^<]*: 100% of the maps became", page)
 
 
 def test_viewer_keeps_colour_photographs_in_rgb_and_thin_volumes_grey():

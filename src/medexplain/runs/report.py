@@ -224,8 +224,18 @@ def _checks(evaluation: dict[str, Any]) -> list[tuple[str, bool, str]]:
     auroc = (evaluation.get("localization") or {}).get("auroc")
     if auroc is not None:
         out.append(("localization AUROC above chance (0.5)", auroc > 0.5, f"{auroc:.3f}"))
-    rho = (evaluation.get("sanity") or {}).get("rank_correlation_fully_randomized")
-    if rho is not None and math.isfinite(rho):
+    sanity = evaluation.get("sanity") or {}
+    rho = sanity.get("rank_correlation_fully_randomized")
+    degenerate = sanity.get("degenerate_fraction") or 0.0
+    if degenerate > 0:
+        out.append(
+            (
+                "sanity: maps stay informative when the model is randomised",
+                False,
+                f"{degenerate:.0%} of the maps became flat (degenerate, not uncorrelated)",
+            )
+        )
+    elif rho is not None and math.isfinite(rho):
         out.append(
             (
                 f"sanity: maps change when the model is randomised (ρ < {SANITY_LIMIT})",
