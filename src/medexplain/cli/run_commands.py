@@ -369,7 +369,8 @@ def evaluate(
 @app.command()
 @guard
 def report(run: Annotated[Path, typer.Argument(help="Run folder written by explain.")]) -> None:
-    """Self-contained HTML report of a run (settings, global maps, contrast, evaluation).
+    """Self-contained HTML report of a run: predictions, examples, global maps by label,
+    prediction and outcome, evaluation checks, an interactive viewer (3D: three views).
 
     Example: medexplain report runs/uwf
     """
