@@ -256,6 +256,9 @@ def test_cli_fit_then_explain(tmp_path):
     assert result.exit_code == 0, result.output
     out = tmp_path / "run"
     args = ["explain", *common, "--method", "xnn", "--no-progress", "--out", str(out)]
+    missing = runner.invoke(app, [*args[:-1], str(tmp_path / "run_missing")])
+    assert missing.exit_code == 2 and "--explainer-checkpoint" in missing.output, missing.output
+    assert len(missing.output.strip().splitlines()) == 1, missing.output
     result = runner.invoke(app, [*args, "--explainer-checkpoint", str(tmp_path / "xnn.ckpt")])
     assert result.exit_code == 0, result.output
     # the run's maps are the explainer's maps for the predicted class
