@@ -21,10 +21,12 @@ Losses (:func:`xnn_losses`):
 - sparse reconstruction ``mean log(1 + q (z^ - z)^2)`` on standardised features: the log
   penalty grows slowly for large residuals, so the x-features may reconstruct *part* of the
   layer's features well and ignore the rest (the paper's "reconstruct part of the original
-  feature space"); ``q = 1``;
+  feature space", in our reading); ``q = 1``;
 - pull-away ``1/(k(k-1)) sum_{i != j} cos^2(e_i, e_j)``, the cosine between x-feature columns
-  over the batch (the term of Zhao et al.'s energy-based GAN, which XNN applies to its
-  x-features so that they do not duplicate each other).
+  over the batch (the term of Zhao et al.'s energy-based GAN; applying it to the x-feature
+  columns, so that they do not duplicate each other, is our reading of the paper).
+
+Loss weights (:class:`~.xnn.XNNFitConfig`) are ours, chosen on the synthetic benchmark.
 """
 
 from __future__ import annotations
