@@ -73,6 +73,30 @@ def step_counts(n_pixels: int, step_fraction: float) -> torch.Tensor:
     return counts
 
 
+def _tie_broken_orders(maps: torch.Tensor, tie_seed: int, tie_seeds: int) -> torch.Tensor:
+    """Ranks ``(R, B, 1, *S)`` of the maps (0 = most important), equal values in a random
+    order seeded ``tie_seed + r``; ``R`` is ``tie_seeds`` when some map has more than
+    ``TIED_FRACTION`` tied pixels, else 1."""
+    repeats = tie_seeds if bool((tied_fraction(maps) > TIED_FRACTION).any()) else 1
+    generators = [torch.Generator().manual_seed(tie_seed + r) for r in range(repeats)]
+    return torch.stack([rank_pixels(maps, generator) for generator in generators])
+
+
+def _check_arguments(
+    x: torch.Tensor, maps: torch.Tensor, batch_size: int, tie_seeds: int, activation: str
+) -> torch.Tensor:
+    """Refuse bad arguments of :func:`deletion_insertion`; returns the maps ``(B, 1, *S)``."""
+    spatial_dims_of(x, "x")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tie_seeds < 1:
+        raise ValueError(f"tie_seeds must be >= 1, got {tie_seeds}")
+    check_activation(activation)
+    return _as_maps(maps, x)
+
+
 def _as_maps(maps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(maps, torch.Tensor):
         raise TypeError(f"maps must be a torch.Tensor, got {type(maps).__name__}")
@@ -120,15 +144,7 @@ def deletion_insertion(
     random orders (seeds ``tie_seed, tie_seed + 1, ...``), which multiplies the model calls
     by ``tie_seeds``.
     """
-    spatial_dims_of(x, "x")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tie_seeds < 1:
-        raise ValueError(f"tie_seeds must be >= 1, got {tie_seeds}")
-    check_activation(activation)
-    maps = _as_maps(maps, x)
+    maps = _check_arguments(x, maps, batch_size, tie_seeds, activation)
     device = model_device(model)
     x = x.to(device, torch.float32)
     n_images = x.shape[0]
@@ -143,13 +159,8 @@ def deletion_insertion(
 
         targets = as_targets(y, n_images, device=device, logits=logits)
         fill = make_baseline(x, baseline, mean_image)
-        repeats = tie_seeds if bool((tied_fraction(maps) > TIED_FRACTION).any()) else 1
-        ranks = torch.stack(
-            [
-                rank_pixels(maps.to(device), torch.Generator().manual_seed(tie_seed + r))
-                for r in range(repeats)
-            ]
-        )  # (R, B, 1, *spatial), 0 = most important
+        ranks = _tie_broken_orders(maps.to(device), tie_seed, tie_seeds)
+        repeats = ranks.shape[0]
         counts_dev = counts.to(device)
         per_order = 2 * n_images * n_points  # items: (order, curve, image, point)
         total = repeats * per_order

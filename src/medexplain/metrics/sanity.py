@@ -237,6 +237,19 @@ def _fixed_targets(
     return as_targets(None, x.shape[0], device=device, logits=lambda: logits)
 
 
+def _compare(
+    original: torch.Tensor, randomised: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spearman of ``|maps|`` and of the signed maps ``(B,)`` (NaN where either map is flat)
+    and which images have a flat map ``(B,)``, all on the CPU."""
+    a, b = original.flatten(1), randomised.flatten(1)
+    bad = flat_maps(original) | flat_maps(randomised)
+    nan = torch.full(bad.shape, float("nan"), dtype=torch.float64, device=bad.device)
+    on_abs = torch.where(bad, nan, spearman(a.abs(), b.abs()))
+    signed = torch.where(bad, nan, spearman(a, b))
+    return on_abs.cpu(), signed.cpu(), bad.cpu()
+
+
 def cascading_randomization(
     model: nn.Module,
     x: torch.Tensor,
@@ -292,8 +305,6 @@ def cascading_randomization(
         raise ValueError(f"maps must have shape {expected}, got {tuple(maps.shape)}")
     else:
         original = maps.detach().to(device)
-    flat_original = original.flatten(1)
-    original_flat = flat_maps(original)
     modules = dict(work.named_modules())
     corr_abs, corr_signed, degenerate = [], [], []
     kept = [original.cpu()] if return_maps else []
@@ -303,12 +314,10 @@ def cascading_randomization(
         for name in names:
             reinitialise(modules[name], seed + step, recurse=recurse and name != "")
         randomised = explain(work)
-        flat = randomised.flatten(1)
-        bad = original_flat | flat_maps(randomised)
-        nan = torch.full(bad.shape, float("nan"), dtype=torch.float64, device=bad.device)
-        corr_abs.append(torch.where(bad, nan, spearman(flat_original.abs(), flat.abs())).cpu())
-        corr_signed.append(torch.where(bad, nan, spearman(flat_original, flat)).cpu())
-        degenerate.append(bad.cpu())
+        step_abs, step_signed, bad = _compare(original, randomised)
+        corr_abs.append(step_abs)
+        corr_signed.append(step_signed)
+        degenerate.append(bad)
         if return_maps:
             kept.append(randomised.cpu())
     return SanityResult(
