@@ -303,7 +303,7 @@ def test_bad_parameters_are_clear_errors():
         create("occlusion", model, window_fraction=0)
     with pytest.raises(TypeError, match="layer must be"):
         create("gradcam", model, layer=3.5)
-    with pytest.raises(TypeError, match="layer must be.*convolutions: 0, 3"):
+    with pytest.raises(TypeError, match=r"layer must be.*convolutions: 0, 3"):
         create("gradcam", model, layer=12)
     # ``--param layer=3`` arrives as a number: index 3 of the Sequential, its second conv
     assert create("gradcam", model, layer=3).layer is model[3]

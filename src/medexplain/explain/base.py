@@ -151,6 +151,7 @@ def _check_gradients(name: str, cls: type[Explainer], model: nn.Module) -> None:
             f"forward-only method: {', '.join(forward_only_methods())}"
         )
 
+
 _REGISTRY: dict[str, type[Explainer]] = {}
 _WRAPPERS: dict[str, Callable[..., Explainer]] = {}
 
