@@ -15,6 +15,7 @@ from torch import nn
 from medexplain.explain.sag import StructuredAttentionGraph, coverage_map
 from medexplain.explain.sag_graph import SAGResult, diverse_subset, upsample_cells
 from medexplain.explain.sag_search import beam_search, paper_search, prune_best, raster_prune
+from medexplain.report.sag_plot import plot_sag
 
 
 # ------------------------------------------------------------------ independent reference
@@ -212,12 +213,16 @@ def test_paper_sag_finds_both_squares_and_keeps_low_children(two_squares):
                 assert child.patches == tuple(k for k in patches if k != e.removed)
                 (score,) = reference_ins(model, x, 1, result.grid, [child.patches])
                 assert child.ratio == pytest.approx(float(score) / p, abs=1e-5)
-    # Ours drops them.
+    # Ours keeps them too, and removes every patch of an expanded node.
     ours = StructuredAttentionGraph(model, heuristic_steps=4, max_roots=4).explain_image(x, 1)
-    assert all(node.ratio > ours.child_threshold for node in ours.nodes)
+    assert any(node.ratio <= ours.child_threshold for node in ours.nodes)
+    for i in {e.parent for e in ours.edges}:
+        assert ours.nodes[i].ratio > ours.child_threshold
+        removed = sorted(e.removed for e in ours.edges if e.parent == i)
+        assert removed == list(ours.nodes[i].patches)
 
 
-def test_paper_map_and_json(two_squares):
+def test_paper_map_json_and_picture(two_squares, tmp_path):
     result = two_squares[2]
     weights = [r.ratio for r in result.diverse_roots()]
     expected = sum(
@@ -228,6 +233,7 @@ def test_paper_map_and_json(two_squares):
     back = SAGResult.from_json(result.to_json())
     assert json.loads(back.to_json()) == json.loads(result.to_json())
     assert back.patch_shape == "bilinear" and back.variant == "paper"
+    assert plot_sag(back, tmp_path / "sag.png").stat().st_size > 1000
 
 
 def test_paper_3d_roots_are_minimal_sufficient():

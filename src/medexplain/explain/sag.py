@@ -20,14 +20,16 @@ it below. Search (batched over all successors of one depth)::
 
 Then the diverse subset (the largest set of roots pairwise sharing <= 1 patch, ties by total
 score) and the graph grown from its ``max_shown`` best roots (child = parent minus one
-patch, kept while ``ins(child) / P > child_threshold``).
+patch; every child is kept, those with ``ins(child) / P > child_threshold`` are expanded).
 
 Defaults from the paper: 7 x 7 grid at 224 px, q = 15 candidates, beam width 3, threshold
 0.9, more than 10 roots, child threshold 0.4, 3 roots shown, black baseline, a 2-iteration
-I-GOS heuristic. Our choices: the grid is the same number of patches per axis whatever the
-image size (blocks of ``n / g`` pixels, sizes differing by at most one); the I-GOS
-heuristic uses the same baseline as the search, and runs at ``max(g, 4)`` cells per axis
-(I-GOS' minimum) pooled back to ``g`` by averaging; scores of sets already evaluated are
+I-GOS heuristic with the authors' TV weight 20 at the grid (not rescaled with the mask size)
+and line search from step 200. Our choices: the grid is the same number of patches per axis
+whatever the image size (blocks of ``n / g`` pixels, sizes differing by at most one); the
+I-GOS heuristic uses the same baseline as the search, and runs at ``max(g, 4)`` cells per
+axis (I-GOS' minimum) pooled back to ``g`` by averaging; the graph removes every patch of a
+node (the authors: its first three); scores of sets already evaluated are
 cached (a set is never sent through the model twice, so batched and one-at-a-time modes
 make the same passes); ties (equal scores) keep the order in which sets were generated; a
 sufficient successor that contains a root already found is neither pruned nor expanded (its
@@ -36,15 +38,14 @@ the passes for one image explode once every further set contains a known root).
 
 ``variant="paper"`` runs the published algorithm as the authors' code does (module
 :mod:`medexplain.explain.sag_search` for the search): soft patches (the g x g indicator
-upsampled bilinearly with corner alignment, a tent that spills into the neighbours), the
-I-GOS heuristic with TV weight 20 at g x g (not rescaled with the mask size) and a line
-search from step 200, strict sufficiency ``ins(S) > threshold * P``, the beam walk that
+upsampled bilinearly with corner alignment, a tent that spills into the neighbours),
+strict sufficiency ``ins(S) > threshold * P``, the beam walk that
 stops once the beam holds ``beam_width + 1`` sets, pruning by raster greedy passes (every
 sufficient successor, also one holding a known root), the root count checked after the
 whole depth, the diverse subset first found in discovery order, and the graph that removes
-only the first three patches of a node, keeps every child (the low-score leaves) and
-expands the children above ``child_threshold``. The default (``"default"``) keeps our
-choices above; docs/methods.md lists each difference with its measured reason.
+only the first three patches of a node (none of a one-patch node). The default
+(``"default"``) keeps our choices above; docs/methods.md lists each difference with its
+measured reason.
 
 Registered explainer ``sag``: its map is, for every pixel, the score-weighted mean of the
 diverse roots' insertion masks, ``sum_r w_r m_r / sum_r w_r`` with ``w_r = ins(r) / P`` and
@@ -76,6 +77,9 @@ from .sag_search import InsertionScorer, beam_search, paper_search
 
 #: ``variant`` values: ours (``"default"``) and the authors' published code (``"paper"``).
 VARIANTS = ("default", "paper")
+#: The parts in which the variants differ (``paper_parts``): the patch shape, the search
+#: (beam walk, pruning, stopping, diverse subset) and which children the graph scores.
+PAPER_PARTS = frozenset({"patches", "search", "graph"})
 
 #: I-GOS' smallest mask resolution per axis (explain/igos.py MIN_MASK_SIZE).
 _IGOS_MIN_SIZE = 4
@@ -103,7 +107,7 @@ class StructuredAttentionGraph(Explainer):
       ``max(batch_size, 32)`` (its default);
     - ``activation``: how logits become ``f_c`` (see :func:`medexplain.core.scores.probabilities`);
     - ``variant``: ``"default"`` (ours) or ``"paper"`` (the authors' published code: soft
-      patches, TV weight 20 heuristic, their beam walk, raster pruning and graph; module
+      patches, their beam walk, raster pruning, diverse subset and graph; module
       docstring).
 
     ``explain_image`` returns a :class:`SAGResult`; calling the explainer returns the
@@ -178,10 +182,17 @@ class StructuredAttentionGraph(Explainer):
         self.batched = bool(batched)
         self.activation = activation
         self.variant = variant
-        self.patch_shape = "bilinear" if variant == "paper" else "block"
+        #: Which parts follow the authors' code: all for ``variant="paper"``, none by default
+        #: (set a subset to measure one difference alone, as ``benchmarks/sag_paper.py``).
+        self.paper_parts = PAPER_PARTS if variant == "paper" else frozenset()
         self.last_results: list[SAGResult] = []
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def patch_shape(self) -> str:
+        """``"bilinear"`` (the authors' soft patches) or ``"block"`` (ours)."""
+        return "bilinear" if "patches" in self.paper_parts else "block"
+
     def grid_for(self, spatial: Sequence[int]) -> tuple[int, ...]:
         """Patches per axis for images of size ``spatial`` (error when a grid is too fine)."""
         spatial = tuple(int(s) for s in spatial)
@@ -208,9 +219,8 @@ class StructuredAttentionGraph(Explainer):
         size = tuple(min(max(g, _IGOS_MIN_SIZE), n) for g, n in zip(grid, x.shape[2:]))
         if min(size) < _IGOS_MIN_SIZE:  # image smaller than I-GOS' smallest mask: no heuristic
             return torch.zeros(int(torch.tensor(grid).prod())), {}
-        # The authors' heuristic: TV weight 20 at the grid itself (no rescaling with the
-        # mask size) and a line search starting at step 200.
-        paper = {"scale_l2": False, "alpha0": 200.0} if self.variant == "paper" else {}
+        # The authors' heuristic (both variants): TV weight 20 at the grid itself (no
+        # rescaling with the mask size) and a line search starting at step 200.
         igos = IGOS(
             self.model,
             size=size,
@@ -221,7 +231,8 @@ class StructuredAttentionGraph(Explainer):
             activation=self.activation,
             batch_size=max(self.batch_size, 32),
             seed=self.seed,
-            **paper,
+            scale_l2=False,
+            alpha0=200.0,
         )
         _, trace = igos.explain_with_trace(x, torch.tensor([target], device=x.device))
         assert trace.masks is not None
@@ -305,7 +316,7 @@ class StructuredAttentionGraph(Explainer):
             self.batched,
             self.patch_shape,
         )
-        paper = self.variant == "paper"
+        paper = "search" in self.paper_parts
         everything = tuple(range(scorer.n_patches))
         probability = scorer([everything])[0]  # phi with every patch visible is x itself
         passes = {"p": scorer.images}
@@ -342,7 +353,7 @@ class StructuredAttentionGraph(Explainer):
             probability,
             self.child_threshold,
             self.max_nodes,
-            paper=paper,
+            paper="graph" in self.paper_parts,
         )
         passes["graph"] = scorer.images - passes["p"] - passes["search"]
         passes.update(heuristic_passes)
@@ -365,7 +376,7 @@ class StructuredAttentionGraph(Explainer):
             graph_truncated=truncated,
             image=x[0].detach().cpu().clone(),
             baseline=baseline[0].detach().cpu().clone(),
-            variant=self.variant,
+            variant=self.variant if self.paper_parts in (frozenset(), PAPER_PARTS) else "mixed",
             patch_shape=self.patch_shape,
         )
 

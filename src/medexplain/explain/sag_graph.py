@@ -76,9 +76,10 @@ class SAGResult:
       ``heuristic_backward``: I-GOS); ``forward_passes`` = p + search + graph (the
       heuristic is reported apart); ``forward_calls``: model calls for those images;
     - ``image``/``baseline``: ``(C, *S)`` CPU tensors, for drawing;
-    - ``variant``: ``"default"`` or ``"paper"``; ``patch_shape``: ``"block"`` or
-      ``"bilinear"`` (how patches became pixel masks, :func:`upsample_cells`). In the paper
-      variant ``diverse`` and ``shown`` are in the order the roots were found.
+    - ``variant``: ``"default"``, ``"paper"`` or ``"mixed"`` (some parts of the paper's,
+      for measurements); ``patch_shape``: ``"block"`` or ``"bilinear"`` (how patches
+      became pixel masks, :func:`upsample_cells`). With the paper's search ``diverse`` and
+      ``shown`` are in the order the roots were found.
     """
 
     target: int
@@ -344,12 +345,11 @@ def build_graph(
 ) -> tuple[list[SAGNode], list[SAGEdge], bool]:
     """Grow the SAG from ``roots`` level by level (METHODS.md 3).
 
-    A child is its parent minus one patch. Ours (``paper=False``): every patch of a node is
-    removed in turn, and a child becomes a node when ``score(child) / P > child_threshold``
-    and is expanded in turn. The authors' (``paper=True``): only the first three patches of
-    a node (raster order) are removed, every such child becomes a node (the low-score
-    leaves show which patch breaks the decision), a child is expanded only when its ratio is
-    above ``child_threshold``, and a one-patch node has no children. Nodes reached from
+    A child is its parent minus one patch; every child becomes a node (the low-score leaves
+    show which patch breaks the decision) and is expanded in turn only when
+    ``score(child) / P > child_threshold``. Ours (``paper=False``): every patch of a node
+    is removed in turn. The authors' (``paper=True``): only the first three patches of a
+    node (raster order), and a one-patch node has no children. Nodes reached from
     several parents (or roots) are kept once, with one edge per parent (the authors draw a
     tree in which such a node is repeated under each parent; the nodes and edges are the
     same). All children of a level are scored in one call of ``score_sets`` (batched by the
@@ -393,8 +393,6 @@ def build_graph(
         next_frontier: list[PatchSet] = []
         for parent, removed, child in moves:
             r = ratio(scores[child])
-            if not paper and not r > child_threshold:
-                continue
             if child not in index:
                 if len(nodes) >= max_nodes:
                     truncated = True
