@@ -109,8 +109,8 @@ def test_loss_terms_and_weights():
         terms["adversarial_rec"], reconstruction(out[:, 1], out[:, 0]).mean()
     )
     expected = (
-        terms["similar_ce"]
-        + terms["adversarial_ce"]
+        0.01 * terms["similar_ce"]  # the successor code's classification weights
+        + 0.2 * terms["adversarial_ce"]
         + 3.0 * terms["similar_rec"]
         + 0.5 * terms["adversarial_rec"]
     )
@@ -131,10 +131,12 @@ def test_paper_variant_weights_the_classification_terms_as_the_successor_code():
         + 2.0 * terms["adversarial_rec"]
     )
     torch.testing.assert_close(terms["total"], expected)
-    # One weight given, the other from the variant; the default variant weighs 1 / 1.
+    # One weight given, the other from the variant; the default shares the paper's weights.
     mixed = SimilarAdversarial(model, generator=gen, variant="paper", similar_ce_weight=0.5)
     assert mixed.ce_weights == (0.5, 0.2)
-    assert SimilarAdversarial(model, generator=gen).ce_weights == (1.0, 1.0)
+    assert SimilarAdversarial(model, generator=gen).ce_weights == (0.01, 0.2)
+    ones = SimilarAdversarial(model, generator=gen, similar_ce_weight=1, adversarial_ce_weight=1)
+    assert ones.ce_weights == (1.0, 1.0)
     with pytest.raises(ValueError, match="variant must be one of"):
         SimilarAdversarial(model, variant="successor")
     with pytest.raises(ValueError, match="adversarial_ce_weight must be >= 0"):

@@ -4,7 +4,7 @@
 augmentation (Charachon et al. regularise with random geometric transforms) and the
 classification-term weights of ``variant="default"`` and ``variant="paper"`` (the successor
 code of Charachon et al.: rotation +-5 degrees, zoom 0.8-1, vertical flips only, similar /
-adversarial classification weights 0.01 / 0.2).
+adversarial classification weights 0.01 / 0.2; the default shares its weights).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def resolve_augment(
 def resolve_ce_weights(
     variant: str, similar: float | None, adversarial: float | None
 ) -> tuple[float, float]:
-    """Classification-term weights: the given values, else the variant's (1 / 1 or the
-    successor code's 0.01 / 0.2)."""
+    """Classification-term weights: the given values, else the variant's (the successor
+    code's 0.01 / 0.2 for both)."""
     default_similar, default_adversarial = CE_WEIGHTS.get(variant, CE_WEIGHTS["default"])
     return (
         float(default_similar if similar is None else similar),
