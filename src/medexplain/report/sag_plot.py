@@ -26,7 +26,7 @@ def _thumbnail(result: SAGResult, patches: tuple[int, ...]) -> np.ndarray:
     assert result.image is not None
     image = result.image.to(torch.float32)
     baseline = result.baseline if result.baseline is not None else torch.zeros_like(image)
-    mask = result.patch_mask(patches).to(torch.float32)
+    mask = result.insertion_mask(patches).to(torch.float32)  # soft patches as the model saw them
     visible = baseline + mask * (image - baseline)
     flat = visible.mean(dim=0)
     if flat.dim() == 3:
