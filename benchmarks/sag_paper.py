@@ -7,8 +7,8 @@ baseline), the fraction of images with two disjoint roots, one on each region (r
 recovery, the tests' check), roots and graph nodes per image, forward passes and seconds
 per image (the heuristic included; wall time, and the process's CPU time, which a machine
 shared with other jobs inflates less). Settings: ``default``, ``paper`` (``variant="paper"``)
-and the default with one part of the paper's (``paper_parts``: ``patches``, ``search``,
-``graph``). SAG's hidden patches show the dataset mean image (``--baseline``;
+and the default with one part of the paper's (``paper_parts``: ``patches``, ``heuristic``,
+``search``, ``graph``). SAG's hidden patches show the dataset mean image (``--baseline``;
 ``zero`` is the paper's black, far outside this data).
 
 Usage: ``.venv/bin/python benchmarks/sag_paper.py [--images 20] [--out FILE]``
@@ -41,6 +41,7 @@ SETTINGS: dict[str, dict] = {
     "default": {"variant": "default"},
     "paper": {"variant": "paper"},
     "default+paper_patches": {"parts": {"patches"}},
+    "default+paper_heuristic": {"parts": {"heuristic"}},
     "default+paper_search": {"parts": {"search"}},
     "default+paper_graph": {"parts": {"graph"}},
 }

@@ -38,8 +38,9 @@ the passes for one image explode once every further set contains a known root).
 
 ``variant="paper"`` runs the published algorithm as the authors' code does (module
 :mod:`medexplain.explain.sag_search` for the search): soft patches (the g x g indicator
-upsampled bilinearly with corner alignment, a tent that spills into the neighbours),
-strict sufficiency ``ins(S) > threshold * P``, the beam walk that
+upsampled bilinearly with corner alignment, a tent that spills into the neighbours), the
+heuristic's I-GOS with fresh noise at every step and line searches that go on after
+failing, strict sufficiency ``ins(S) > threshold * P``, the beam walk that
 stops once the beam holds ``beam_width + 1`` sets, pruning by raster greedy passes (every
 sufficient successor, also one holding a known root), the root count checked after the
 whole depth, the diverse subset first found in discovery order, and the graph that removes
@@ -77,9 +78,10 @@ from .sag_search import InsertionScorer, beam_search, paper_search
 
 #: ``variant`` values: ours (``"default"``) and the authors' published code (``"paper"``).
 VARIANTS = ("default", "paper")
-#: The parts in which the variants differ (``paper_parts``): the patch shape, the search
-#: (beam walk, pruning, stopping, diverse subset) and which children the graph scores.
-PAPER_PARTS = frozenset({"patches", "search", "graph"})
+#: The parts in which the variants differ (``paper_parts``): the patch shape, the I-GOS run
+#: of the heuristic (fresh noise, failed line searches go on), the search (beam walk,
+#: pruning, stopping, diverse subset) and which children the graph scores.
+PAPER_PARTS = frozenset({"patches", "heuristic", "search", "graph"})
 
 #: I-GOS' smallest mask resolution per axis (explain/igos.py MIN_MASK_SIZE).
 _IGOS_MIN_SIZE = 4
@@ -212,6 +214,7 @@ class StructuredAttentionGraph(Explainer):
         ``(1, C, *S)``, and the I-GOS pass counts; for a forward-only model (ONNX), which
         gives I-GOS no gradients, :meth:`occlusion_heuristic` instead."""
         from .igos import IGOS
+        from .igos_optimiser import IGOSOptions
 
         if forward_only(self.model) is not None:
             return self.occlusion_heuristic(x, target, grid)
@@ -234,6 +237,11 @@ class StructuredAttentionGraph(Explainer):
             scale_l2=False,
             alpha0=200.0,
         )
+        if "heuristic" in self.paper_parts:
+            # The authors' I-GOS run in their SAG code: fresh noise at every integration step
+            # and a failed line search still takes its last step; its line search checks the
+            # plain (not integrated) deletion score, as ours.
+            igos.options = IGOSOptions(fresh_noise=True, keep_going=True)
         _, trace = igos.explain_with_trace(x, torch.tensor([target], device=x.device))
         assert trace.masks is not None
         importance = 1.0 - trace.masks[-1, :, :1].to(torch.float32)  # (1, 1, *size)
