@@ -3,6 +3,7 @@ report on a small 2D dataset, and one-line errors with exit code 2 for bad input
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -113,7 +114,13 @@ def test_evaluate_and_report(explained):
     assert result.exit_code == 0, result.output
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["peppr"]["n_images"] == 16
-    assert set(evaluation["deletion"]) == {"n_images", "deletion_auc", "insertion_auc"}
+    deletion = evaluation["deletion"]
+    assert deletion["n_images"] == 4
+    # the area is linear in the curve: the area of the mean curve is the mean of the areas
+    for name in ("deletion", "insertion"):
+        area = np.trapezoid(deletion[f"{name}_curve"], deletion["fractions"])
+        assert area == pytest.approx(deletion[f"{name}_auc"], abs=1e-5)
+    assert deletion["fractions"][0] == 0 and deletion["fractions"][-1] == pytest.approx(1)
     # localization: the stored maps scored against the CSV's masks (independent recompute)
     from medexplain.metrics.localization import localization_scores
 
@@ -127,6 +134,8 @@ def test_evaluate_and_report(explained):
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text()
     assert "data:image/png;base64" in page and "PEPPR" in page
+    figure = base64.b64encode((out / "figures" / "deletion.png").read_bytes()).decode()
+    assert figure in page  # the deletion/insertion curves are in the report
 
 
 def test_changed_settings_are_refused_with_exit_2(explained):

@@ -167,15 +167,30 @@ def _peppr_section(
 
 
 def _deletion_section(run: _Run, n: int) -> dict[str, Any]:
-    """Deletion/insertion AUCs (blurred baseline) of the first ``n`` explained images."""
+    """Deletion/insertion AUCs (blurred baseline) of the first ``n`` explained images, with
+    their mean curves; the figure goes to ``figures/deletion.png``."""
     from ..metrics.deletion import deletion_insertion
+    from ..report.deletion_plot import plot_deletion_curves
 
     x, maps, targets, _ = _first_done(run.store, run.dataset, n)
     outcome = deletion_insertion(run.model, x, targets, maps, baseline="blur")
+    curves = {
+        "fractions": outcome.fractions.tolist(),
+        "deletion_curve": outcome.deletion.mean(0).tolist(),
+        "insertion_curve": outcome.insertion.mean(0).tolist(),
+    }
+    plot_deletion_curves(
+        curves["fractions"],
+        curves["deletion_curve"],
+        curves["insertion_curve"],
+        run.store.root / "figures" / "deletion.png",
+        title=f"deletion / insertion — {run.settings.method} ({x.shape[0]} images)",
+    )
     return {
         "n_images": int(x.shape[0]),
         "deletion_auc": float(outcome.deletion_auc.mean()),
         "insertion_auc": float(outcome.insertion_auc.mean()),
+        **curves,
     }
 
 

@@ -274,6 +274,8 @@ def _evaluation_section(store: RunStore, evaluation: dict[str, Any], method: str
             body += f"<p class='note'>{name} skipped: {html.escape(str(skipped))}</p>"
     if (store.root / "figures" / "peppr.png").is_file() and "peppr" in evaluation:
         body += embed_png(store.root / "figures" / "peppr.png")
+    if (store.root / "figures" / "deletion.png").is_file() and "deletion" in evaluation:
+        body += embed_png(store.root / "figures" / "deletion.png")
     return body
 
 
