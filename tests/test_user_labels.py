@@ -264,3 +264,19 @@ def test_one_logit_and_multilabel_sigmoid_models_through_every_command(world, tm
             x = np.stack([np.load(world / "img" / f"i{i}.npy") for i in range(6)])
             positive = 8 * (x.mean(axis=(1, 2)) - 0.5) > 0  # the logit's sign, by hand
             assert [int(row["prediction"]) for row in items] == positive.astype(int).tolist()
+
+
+def test_a_logits_model_keeps_the_run_identity_older_runs_recorded(world, tmp_path):
+    """Runs made before networks could state their outputs recorded no 'outputs'/'score':
+    a logits model must resume them, so its identity leaves the defaults out; a network
+    that returns probabilities is a different model and says so."""
+    run = tmp_path / "run"
+    assert _explain(world, run, "names.csv").exit_code == 0
+    identity = json.loads((run / "run.json").read_text())["identity"]
+    assert not {"outputs", "score"} & set(identity["model"])
+    again = _explain(world, run, "names.csv")
+    assert again.exit_code == 0 and "(0 now" in again.output
+    other = tmp_path / "probs"
+    assert _explain(world, other, "names.csv", "softmax.pt", "probs.yaml").exit_code == 0
+    identity = json.loads((other / "run.json").read_text())["identity"]
+    assert identity["model"]["outputs"] == "probabilities"

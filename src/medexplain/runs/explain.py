@@ -41,7 +41,14 @@ __all__ = ["ChunkWork", "explain_run", "missing_parts"]
 
 def _identity(settings: ExplainSettings, model: LoadedModel, dataset: ImageDataset, chunk: int):
     description = {k: v for k, v in model.describe().items() if k != "path"}
+    if description.get("outputs") == "logits":  # the default, which runs made before it
+        description.pop("outputs")  # was stated do not record: they resume unchanged
+        description.pop("score", None)
     data = {k: v for k, v in dataset.describe().items() if k != "n_images"}
+    if any(str(path).lower().endswith((".nii", ".nii.gz")) for path in dataset.paths):
+        # NIfTI volumes are read in RAS+ voxel order: maps of a run made when they were read
+        # in the file's own order must not be resumed into the same run
+        data["nifti_voxel_order"] = "RAS+"
     checkpoint = settings.explainer_checkpoint
     return {
         "model": description,
