@@ -3,7 +3,7 @@ thread each) on the same data, and the Ray driver's peak memory at two dataset s
 apart.
 
     .venv/bin/python benchmarks/scaling.py                  # writes benchmarks/results/scaling.json
-    .venv/bin/python benchmarks/scaling.py --images 24 --steps 64 --out /tmp/scaling.json
+    .venv/bin/python benchmarks/scaling.py --images 24 --steps 64 --out scaling_small.json
 
 Throughput: integrated gradients (``--steps`` interpolation steps, so the work per image
 dominates) on ``--images`` images 32x32. Each configuration runs in a fresh driver process

@@ -86,7 +86,7 @@ def classifier2d():
     return cached_classifier("classifier2d", BENCH2D, TRAIN2D)
 
 
-# The redundant variant (two lesion regions, each sufficient alone): SAG's tests (issue 5).
+# The redundant variant (two lesion regions, each sufficient alone): SAG's tests.
 BENCH2D_REDUNDANT = dict(n=1200, dims=2, size=64, seed=0, redundant=True)
 # Selected by validation loss, not accuracy: accuracy is 1.0 after a few epochs and would
 # restore a model that gives single-lesion images only ~0.8 probability, so no single region

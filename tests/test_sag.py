@@ -201,7 +201,7 @@ def test_roots_are_minimal_sufficient_on_the_benchmark_classifier(
 
 
 #: Images checked by the redundancy test (of the ~24 qualifying test-split images), and how
-#: many must show both regions (issue 5: >= 80 %).
+#: many must show both regions (at least 80 %).
 N_REDUNDANT = 8
 MIN_FOUND = 7
 
