@@ -312,30 +312,6 @@ def explain_run_ray(
 # ---------------------------------------------------------------------------- global maps
 
 
-def chunk_plan(store: RunStore) -> list[tuple[int, list[int], list[int]]]:
-    """``(chunk number, rows of the chunk, their manifest rows)`` that
-    :meth:`RunStore.iter_chunks` would show: the selection, each key once (its first
-    chunk). Reads no maps."""
-    selection = store.selection()
-    seen: set[str] = set()
-    plan = []
-    for number in store.chunk_numbers():
-        chunk = store.read_chunk(number, maps=False)
-        if selection is None:
-            plan.append((number, list(range(len(chunk))), [int(i) for i in chunk.index]))
-            continue
-        rows, index = [], []
-        for j, key in enumerate(chunk.key.tolist()):
-            if key in selection and key not in seen:
-                seen.add(key)
-                rows.append(j)
-                index.append(selection[key])
-        seen.update(e[3] for e in chunk.errors if e[3] in selection)
-        if rows:
-            plan.append((number, rows, index))
-    return plan
-
-
 def _accumulate_share(
     root: str, settings: dict[str, Any], share: Sequence[tuple[int, list[int], list[int]]]
 ) -> dict[str, Any]:
@@ -367,7 +343,7 @@ def ray_accumulator(options: RayOptions | None = None):
             multilabel=record["multilabel"],
             kinds=tuple(kinds),
         )
-        plan = chunk_plan(store)
+        plan = store.chunk_plan()
         acc = GlobalMaps(**settings)
         if not plan:
             raise RunError(f"{store.root} holds no explained image yet; run explain first")
