@@ -225,8 +225,21 @@ def read_csv_manifest(
 
 def manifest_columns(csv_path: str | os.PathLike, path_column: str = "path") -> list[str]:
     """The column names of a CSV manifest's header (DataError for a missing or empty file,
-    or a header without ``path_column``)."""
-    return _csv_reader(Path(csv_path), path_column)[1]
+    or a header without ``path_column``); reads the header line only."""
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            header = handle.readline()
+    except (OSError, UnicodeDecodeError):
+        return _csv_reader(csv_path, path_column)[1]  # names the problem
+    if not header.strip():
+        return _csv_reader(csv_path, path_column)[1]
+    columns = [c.strip() for c in next(csv.reader([header], delimiter=_delimiter(header)))]
+    if path_column not in columns:
+        raise DataError(
+            f"manifest {csv_path} has no '{path_column}' column (columns found: {columns})"
+        )
+    return columns
 
 
 def _csv_reader(csv_path: Path, path_column: str) -> tuple[csv.DictReader, list[str]]:
