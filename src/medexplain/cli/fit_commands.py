@@ -32,6 +32,14 @@ fit_app = typer.Typer(help="Fit a learned explainer and save its checkpoint.", n
 app.add_typer(fit_app, name="fit")
 
 
+# The options every fit command shares.
+CheckpointOutOpt = Annotated[Path, typer.Option(help="Checkpoint file to write.")]
+FitDataOpt = Annotated[Path | None, typer.Option(help="CSV manifest or folder.")]
+ParamOpt = Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")]
+MaxSecondsOpt = Annotated[float, typer.Option(help="Training time cap.", min=0)]
+SeedOpt = Annotated[int, typer.Option(help="Seed.")]
+
+
 class _ImagesLabels:
     """(image, label) items of an ImageDataset, for the fitting loops' DataLoaders."""
 
@@ -108,16 +116,16 @@ def _built(command: str, build):
 @fit_app.command("similar-adversarial")
 @guard
 def fit_similar_adversarial_command(
-    out: Annotated[Path, typer.Option(help="Checkpoint file to write.")],
+    out: CheckpointOutOpt,
     model: ModelOpt = None,
     model_factory: FactoryOpt = None,
     model_config: ConfigOpt = None,
-    data: Annotated[Path | None, typer.Option(help="CSV manifest or folder.")] = None,
+    data: FitDataOpt = None,
     shape: ShapeOpt = None,
     normalise: NormaliseOpt = "none",
-    param: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
-    max_seconds: Annotated[float, typer.Option(help="Training time cap.", min=0)] = 300.0,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    param: ParamOpt = None,
+    max_seconds: MaxSecondsOpt = 300.0,
+    seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     progress: ProgressOpt = True,
 ) -> None:
@@ -150,19 +158,19 @@ def fit_similar_adversarial_command(
 @fit_app.command("warp-simulator")
 @guard
 def fit_warp_simulator_command(
-    out: Annotated[Path, typer.Option(help="Checkpoint file to write.")],
+    out: CheckpointOutOpt,
     model: ModelOpt = None,
     model_factory: FactoryOpt = None,
     model_config: ConfigOpt = None,
-    data: Annotated[Path | None, typer.Option(help="CSV manifest or folder.")] = None,
+    data: FitDataOpt = None,
     shape: ShapeOpt = None,
     normalise: NormaliseOpt = "none",
     target_class: Annotated[
         int | None, typer.Option(help="Class to inject/remove (default: every class).")
     ] = None,
-    param: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
-    max_seconds: Annotated[float, typer.Option(help="Training time cap.", min=0)] = 300.0,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    param: ParamOpt = None,
+    max_seconds: MaxSecondsOpt = 300.0,
+    seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     progress: ProgressOpt = True,
 ) -> None:
@@ -200,11 +208,11 @@ def fit_warp_simulator_command(
 @fit_app.command("xnn")
 @guard
 def fit_xnn_command(
-    out: Annotated[Path, typer.Option(help="Checkpoint file to write.")],
+    out: CheckpointOutOpt,
     model: ModelOpt = None,
     model_factory: FactoryOpt = None,
     model_config: ConfigOpt = None,
-    data: Annotated[Path | None, typer.Option(help="CSV manifest or folder.")] = None,
+    data: FitDataOpt = None,
     shape: ShapeOpt = None,
     normalise: NormaliseOpt = "none",
     layer: Annotated[
@@ -212,9 +220,9 @@ def fit_xnn_command(
         typer.Option(help="Module to embed (default: the pooled features entering the head)."),
     ] = None,
     k: Annotated[int, typer.Option(help="Number of x-features.", min=1)] = 5,
-    param: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
-    max_seconds: Annotated[float, typer.Option(help="Training time cap.", min=0)] = 180.0,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    param: ParamOpt = None,
+    max_seconds: MaxSecondsOpt = 180.0,
+    seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     progress: ProgressOpt = True,
 ) -> None:
