@@ -167,15 +167,7 @@ def plot_group_panels(
             _draw(ax, image, array, norm, cmap, name)
         else:
             index = int(cut[axis])
-            heading = f"{name} · {view[axis]} {index}"
-            _draw(
-                ax,
-                slice_view(image, axis, index),
-                slice_view(array, axis, index),
-                norm,
-                cmap,
-                heading,
-            )
+            _draw_slice(ax, image, array, axis, index, norm, cmap, f"{name} · {view[axis]} {index}")
             _letters(ax, letters, axis)
             outline = (
                 None if outline is None else slice_view(np.asarray(outline, float), axis, index)
@@ -188,6 +180,19 @@ def plot_group_panels(
         fig.suptitle(title, fontsize=9)
     _colour_bar(fig, axes.ravel().tolist(), norm, cmap, label)
     return _save(fig, path)
+
+
+def _draw_slice(ax, image, array, axis: int, index: int, norm, cmap, heading: str) -> None:
+    """Slice ``index`` along ``axis`` of a volume ``image`` and its ``array``, drawn as one
+    2D panel (:func:`_draw`)."""
+    _draw(
+        ax,
+        slice_view(image, axis, index),
+        slice_view(array, axis, index),
+        norm,
+        cmap,
+        heading,
+    )
 
 
 def plot_examples_panels(
@@ -226,14 +231,8 @@ def plot_examples_panels(
         for col, axis in enumerate(_ortho_order(letters)):
             ax = axes[number, col]
             index = voxel[axis]
-            _draw(
-                ax,
-                slice_view(image, axis, index),
-                slice_view(heat, axis, index),
-                norm,
-                cmap,
-                (f"{title}\n" if col == 0 else "") + f"{view_names(letters)[axis]} {index}",
-            )
+            heading = (f"{title}\n" if col == 0 else "") + f"{view_names(letters)[axis]} {index}"
+            _draw_slice(ax, image, heat, axis, index, norm, cmap, heading)
             _letters(ax, letters, axis)
     for ax in list(axes.flat)[len(examples) if ndim == 2 else rows * 3 :]:
         ax.axis("off")
