@@ -22,6 +22,7 @@ import pytest
 from medexplain.models.checkpoint import save_checkpoint
 from medexplain.models.cnn import CNNConfig, build_classifier
 from medexplain.runs import ExplainSettings, explain_run, report_run
+from report_data import write_two_class_images
 
 
 def _chromium() -> str | None:
@@ -60,16 +61,7 @@ def _model(path: Path, dims: int) -> Path:
 def run2d(tmp_path_factory) -> Path:
     """16 images 16x16 (class b brighter on the left), a tiny CNN, saliency, report."""
     root = tmp_path_factory.mktemp("browser2d")
-    rng = np.random.default_rng(0)
-    rows = ["path,label"]
-    for i in range(16):
-        label = "ab"[i % 2]
-        image = rng.normal(0, 0.1, (16, 16)).astype(np.float32)
-        if label == "b":
-            image[4:12, 2:8] += 1.0
-        np.save(root / f"i{i:02d}.npy", image)
-        rows.append(f"i{i:02d}.npy,{label}")
-    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    write_two_class_images(root)
     settings = ExplainSettings(
         data=str(root / "data.csv"), method="saliency", model=str(_model(root / "m.pt", 2))
     )

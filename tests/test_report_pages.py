@@ -24,6 +24,7 @@ from medexplain.report import panels
 from medexplain.report.predictions import choose_examples, confusion_matrix, probabilities
 from medexplain.report.viewer import axis_letters, downsample, quantise, view_names
 from medexplain.runs import ExplainSettings, RunStore, explain_run, global_run, report_run
+from report_data import write_two_class_images
 
 
 def test_probabilities_match_scipy():
@@ -133,16 +134,7 @@ def test_3d_panels_show_a_left_anterior_superior_block_there(tmp_path, monkeypat
 def run2d(tmp_path_factory):
     """16 images 16x16 in two classes, a tiny CNN, a saliency run with `global` done."""
     root = tmp_path_factory.mktemp("pages")
-    rng = np.random.default_rng(0)
-    rows = ["path,label"]
-    for i in range(16):
-        label = "ab"[i % 2]
-        image = rng.normal(0, 0.1, (16, 16)).astype(np.float32)
-        if label == "b":
-            image[4:12, 2:8] += 1.0
-        np.save(root / f"i{i:02d}.npy", image)
-        rows.append(f"i{i:02d}.npy,{label}")
-    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    write_two_class_images(root)
     net = build_classifier(CNNConfig(num_classes=2, widths=(4,), norm="none"))
     save_checkpoint(root / "m.pt", net, extra={"class_names": ["a", "b"]})
     settings = ExplainSettings(
