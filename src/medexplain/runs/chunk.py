@@ -133,3 +133,22 @@ class Chunk:
             image_sum=self.image_sum if whole else None,
             image_count=self.image_count if whole else 0,
         )
+
+
+def selected_rows(
+    chunk: Chunk, selection: dict[str, int], seen: set[str]
+) -> tuple[list[int], list[int], list[tuple[int, str, str, str]]]:
+    """The rows of ``chunk`` whose keys are selected and not in ``seen`` (adding them), their
+    manifest rows, and its errors of selected unseen keys re-indexed to the manifest."""
+    rows, index = [], []
+    for j, key in enumerate(chunk.key.tolist()):
+        if key in selection and key not in seen:
+            seen.add(key)
+            rows.append(j)
+            index.append(selection[key])
+    errors = []
+    for _row, path, reason, key in chunk.errors:
+        if key in selection and key not in seen:
+            seen.add(key)
+            errors.append((selection[key], path, reason, key))
+    return rows, index, errors

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write, atomic_write_text
-from .chunk import Chunk, array_digest
+from .chunk import Chunk, array_digest, selected_rows
 from .errors import DamagedChunkError, RunError
 from .tables import cell, csv_text
 
@@ -86,25 +86,6 @@ RUN_FILES = (
 def _plain(value: Any) -> Any:
     """JSON round trip, so a record compares equal to what run.json holds."""
     return json.loads(json.dumps(value, default=str))
-
-
-def _selected_rows(
-    chunk: Chunk, selection: dict[str, int], seen: set[str]
-) -> tuple[list[int], list[int], list[tuple[int, str, str, str]]]:
-    """The rows of ``chunk`` whose keys are selected and not in ``seen`` (adding them), their
-    manifest rows, and its errors of selected unseen keys re-indexed to the manifest."""
-    rows, index = [], []
-    for j, key in enumerate(chunk.key.tolist()):
-        if key in selection and key not in seen:
-            seen.add(key)
-            rows.append(j)
-            index.append(selection[key])
-    errors = []
-    for _row, path, reason, key in chunk.errors:
-        if key in selection and key not in seen:
-            seen.add(key)
-            errors.append((selection[key], path, reason, key))
-    return rows, index, errors
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -403,7 +384,7 @@ class RunStore:
             if selection is None:
                 yield chunk
                 continue
-            rows, index, errors = _selected_rows(chunk, selection, seen)
+            rows, index, errors = selected_rows(chunk, selection, seen)
             out = chunk.subset(rows, index)
             out.errors = errors
             yield out
@@ -412,15 +393,13 @@ class RunStore:
         """``(chunk number, rows of the chunk, their manifest rows)`` of the chunks
         :meth:`iter_chunks` shows (the selection, each key once: its first chunk), for
         callers that read the chunks elsewhere. Reads no maps."""
-        selection = self.selection()
-        seen: set[str] = set()
-        plan = []
+        selection, seen, plan = self.selection(), set(), []
         for number in self.chunk_numbers():
             chunk = self.read_chunk(number, maps=False)
             if selection is None:
-                plan.append((number, list(range(len(chunk))), [int(i) for i in chunk.index]))
-                continue
-            rows, index, _ = _selected_rows(chunk, selection, seen)
+                rows, index = list(range(len(chunk))), [int(i) for i in chunk.index]
+            else:
+                rows, index, _ = selected_rows(chunk, selection, seen)
             if rows:
                 plan.append((number, rows, index))
         return plan
