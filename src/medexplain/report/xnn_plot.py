@@ -72,7 +72,8 @@ def plot_xnn(
 
     k = int(view["k"])
     classes = list(view["contributions"])
-    label_keys = [] if global_maps is None else [("label", name) for name in classes]
+    by = view.get("by", "label")
+    label_keys = [] if global_maps is None else [(by, name) for name in classes]
     cols = max(n_top + len(label_keys), 2)
     fig = Figure(figsize=(2.0 * cols, 2.0 * (k + 1.5)), constrained_layout=True)
     grid = fig.add_gridspec(k + 1, cols, height_ratios=[1.5] + [1] * k)

@@ -15,7 +15,9 @@ chunk at a time (:mod:`medexplain.runs.store`), global maps and metrics stream t
 Modules: :mod:`.settings` (what was asked; opening model, data, explainer), :mod:`.store`
 (the run folder), :mod:`.chunk`, :mod:`.atomic`, :mod:`.errors`, :mod:`.explain`,
 :mod:`.aggregate` (global maps), :mod:`.evaluate`, :mod:`.report`, :mod:`.ray_engine`
-(``explain --engine ray``: Ray actors fill the chunks; Ray is imported only when it runs).
+(``explain --engine ray``: Ray actors fill the chunks; Ray is imported only when it runs),
+:mod:`.xnn_run` and :mod:`.xnn_summary` (what an ``xnn`` run stores per x-feature, and its
+global view).
 """
 
 from .aggregate import BY, accumulate, global_run
@@ -26,6 +28,7 @@ from .explain import explain_run
 from .report import report_run
 from .settings import ExplainSettings, open_data, open_model, open_run
 from .store import RUN_FILES, RunStore
+from .xnn_run import xnn_image, xnn_table
 
 __all__ = [
     "BY",
@@ -43,4 +46,6 @@ __all__ = [
     "open_model",
     "open_run",
     "report_run",
+    "xnn_image",
+    "xnn_table",
 ]

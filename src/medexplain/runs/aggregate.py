@@ -180,6 +180,7 @@ def global_run(
     checked before anything is written (RunError). ``accumulator``: :func:`accumulate` or a
     function with its signature (e.g. one that merges chunks accumulated on Ray workers)."""
     from ..report.figures import plot_global_maps
+    from .xnn_summary import write_xnn_global
 
     if by is not None and by not in BY:
         raise RunError(f"--by must be one of {BY}, got {by!r}")
@@ -213,6 +214,7 @@ def global_run(
                 f"warning: global maps written as .npy only (no NIfTI): {grid.problem}; "
                 "NIfTI global maps need every image on one grid (register them first)"
             )
+    write_xnn_global(store, record, by, normalise, transform)  # x-feature maps, for xnn runs
     mean = _display_mean(store)
     background = mean if mean is not None else np.zeros(result.spatial_shape)
     maps = {"/".join(key[1:]): group.mean for key, group in result.groups.items() if key[0] == by}

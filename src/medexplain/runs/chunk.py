@@ -7,6 +7,12 @@ has none), ``path``, the images' running ``image_sum (C, *S) float64`` and ``ima
 the images that failed (``err_index``, ``err_path``, ``err_reason``, ``err_key``) and
 ``digests``: a SHA-256 of every other array, checked when the chunk is read, so a damaged
 chunk is named instead of being half read.
+
+A method may store more per-image arrays beside the map (:attr:`Chunk.extra`, first axis
+``n``; none by default, so other methods' chunks keep this layout). XNN stores
+``xnn_feature_maps (n, k, 1, *S)``, ``xnn_contributions (n, k)`` and ``xnn_x_features (n, k)``
+(:mod:`medexplain.runs.xnn_run`). Arrays whose name ends in ``maps`` are maps: a chunk read
+without maps skips them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Chunk", "array_digest"]
+
+_FIELDS = frozenset(
+    {"index", "key", "maps", "label", "pred", "target", "logits", "affine", "path", "digests"}
+    | {"image_count", "image_sum", "err_index", "err_path", "err_reason", "err_key"}
+)
 
 
 def array_digest(array: np.ndarray) -> str:
@@ -33,7 +44,8 @@ def array_digest(array: np.ndarray) -> str:
 class Chunk:
     """The explained images of one chunk (see the module docstring for the fields).
 
-    ``errors`` holds ``(index, path, reason, key)`` of the images that failed.
+    ``errors`` holds ``(index, path, reason, key)`` of the images that failed; ``extra``
+    a method's further per-image arrays by name (first axis ``n``, module docstring).
     """
 
     number: int
@@ -49,6 +61,7 @@ class Chunk:
     image_sum: np.ndarray | None = None
     image_count: int = 0
     errors: list[tuple[int, str, str, str]] = field(default_factory=list)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.key is None:  # stores written without keys: the path is the key
@@ -85,6 +98,9 @@ class Chunk:
         }
         if self.image_sum is not None:
             arrays["image_sum"] = np.asarray(self.image_sum, dtype=np.float64)
+        if set(self.extra) & _FIELDS:
+            raise ValueError(f"extra arrays {sorted(set(self.extra) & _FIELDS)} shadow fields")
+        arrays.update({name: np.asarray(array) for name, array in self.extra.items()})
         digests = {name: array_digest(array) for name, array in arrays.items()}
         arrays["digests"] = np.asarray(json.dumps(digests, sort_keys=True))
         return arrays
@@ -112,6 +128,7 @@ class Chunk:
             image_sum=data.get("image_sum"),
             image_count=int(data["image_count"]),
             errors=errors,
+            extra={name: data[name] for name in data if name not in _FIELDS},
         )
 
     def subset(self, rows: Sequence[int], index: Sequence[int]) -> Chunk:
@@ -132,6 +149,7 @@ class Chunk:
             key=np.asarray(self.key)[rows],
             image_sum=self.image_sum if whole else None,
             image_count=self.image_count if whole else 0,
+            extra={name: array[rows] for name, array in self.extra.items()},
         )
 
 

@@ -35,6 +35,7 @@ from .settings import (
     open_model,
 )
 from .store import RunStore
+from .xnn_run import batch_outputs, write_xnn_csv, xnn_record
 
 __all__ = ["ChunkWork", "explain_run", "missing_parts"]
 
@@ -123,10 +124,10 @@ def _explain_items(
             keep.append(j)
         if not keep:
             continue
-        maps = explainer(x[keep], torch.tensor(targets, device=device)).cpu()
+        maps, extra = batch_outputs(explainer, x[keep], torch.tensor(targets, device=device))
         for row, j in enumerate(keep):
             item = part[j]
-            if not bool(torch.isfinite(maps[row]).all()):
+            if not all(bool(torch.isfinite(a[row]).all()) for a in (maps, *extra.values())):
                 reason = "the explainer returned NaN or inf"
                 errors.append((item["index"], item["path"], reason, item["key"]))
                 continue
@@ -143,6 +144,7 @@ def _explain_items(
                     "logits": logits[j].numpy(),
                     "affine": affine if affine is not None else np.full((4, 4), np.nan),
                     "image": item["image"],
+                    "extra": {name: array[row].numpy() for name, array in extra.items()},
                 }
             )
     return done, errors
@@ -171,6 +173,9 @@ def _build_chunk(
         image_sum=image_sum,
         image_count=len(records),
         errors=sorted(errors),
+        extra={n: np.stack([r["extra"][n] for r in records]) for n in records[0]["extra"]}
+        if records
+        else {},
     )
 
 
@@ -362,7 +367,9 @@ def explain_run(
     store.initialise_check()
     with store.lock():
         store.initialise(run.record, run.identity, overwrite=overwrite, inputs=settings.inputs())
-        store.update_record(settings=asdict(settings), data=run.dataset.describe())
+        store.update_record(
+            settings=asdict(settings), data=run.dataset.describe(), **xnn_record(run.explainer)
+        )
         store.remove_partial()
         done_keys = store.scan(log)
         store.write_selection(run.keys, run.rows)
@@ -371,6 +378,7 @@ def explain_run(
         all_errors = store.errors()
         store.write_errors_csv(all_errors)
         store.write_items_csv()
+        write_xnn_csv(store)
         sync_maps(store, run.dataset, wants_maps(settings.nifti_maps, len(run.spatial)))
         store.update_mean_image(lambda row: _image_or_none(run.dataset, row))
         summary = {

@@ -27,6 +27,7 @@ from .aggregate import BY, accumulate
 from .errors import RunError
 from .settings import open_data, open_run, settings_of
 from .store import RunStore
+from .xnn_summary import xnn_section
 
 __all__ = ["report_run"]
 
@@ -312,6 +313,9 @@ def report_run(run: str | Path, log=print) -> Path:
     sections = [("Run", _run_section(store, record, errors))]
     shared = report_sections(data, figures)
     sections += shared[:3]
+    xnn = xnn_section(store, record, figures, log)
+    if xnn is not None:
+        sections.append(("XNN: x-features and their contributions", xnn))
     contrasts = sorted(figures.glob("contrast_*.png"))
     if contrasts:
         sections.append(("Group contrast (Welch t, BH-FDR)", "".join(map(embed_png, contrasts))))

@@ -8,6 +8,7 @@ Layout of a run folder ``RUN``::
     RUN/mean_image.npz       mean image of the selection (when chunks alone cannot give it)
     RUN/errors.csv           index, path, reason of every image that could not be explained
     RUN/items.csv            index, path, label, prediction, target, scores of done images
+    RUN/xnn.csv              per-image x-features and contributions of an XNN run
     RUN/maps/*.nii.gz        per-image maps as NIfTI (3D, or 2D when asked; nifti_maps.py)
     RUN/.lock                held (flock) while a process writes the run
 
@@ -56,9 +57,7 @@ from .tables import cell, csv_text
 
 __all__ = ["RUN_FILES", "RunStore"]
 
-
 FORMAT = "medexplain.run"
-
 
 VERSION = 2
 
@@ -74,6 +73,7 @@ RUN_FILES = (
     "mean_image.npz",
     "errors.csv",
     "items.csv",
+    "xnn.csv",
     "maps",
     "global",
     "figures",
@@ -332,7 +332,7 @@ class RunStore:
         path = self.chunk_path(number)
         try:
             with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files if maps or k != "maps"}
+                arrays = {k: data[k] for k in data.files if maps or not k.endswith("maps")}
         except FileNotFoundError as error:
             raise RunError(f"chunk {path} does not exist") from error
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:

@@ -317,7 +317,28 @@ class XNNExplainer(Explainer):
         return XNNExplanation(maps, fmaps, e, contributions, logits, targets)
 
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.explain(x, targets).maps
+        self._last = self.explain(x, targets)
+        return self._last.maps
+
+    def run_outputs(
+        self, x: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The contract's maps ``(B, 1, *S)`` (checked as a call of the explainer checks them)
+        and what a run stores beside them per image: ``xnn_feature_maps`` ``(B, k, 1, *S)``,
+        ``xnn_contributions`` ``(B, k)`` (``W[t, j] e_j``) and ``xnn_x_features`` ``(B, k)``."""
+        maps = self(x, targets)
+        explanation, self._last = self._last, None
+        arrays = {
+            "xnn_feature_maps": explanation.feature_maps.unsqueeze(2),
+            "xnn_contributions": explanation.contributions,
+            "xnn_x_features": explanation.x_features,
+        }
+        return maps, {name: a.detach().to(torch.float32) for name, a in arrays.items()}
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear head ``(W (K, k), b (K,))``: ``logit_t = W[t] . e + b_t``."""
+        network = self._fitted()
+        return network.weight.detach().cpu(), network.bias.detach().cpu()
 
     def __repr__(self) -> str:
         state = "fitted" if self.network is not None else "unfitted"
