@@ -287,6 +287,8 @@ def global_command(
         )
     counts = ", ".join(f"{'/'.join(k)}: {n}" for k, n in result.counts.items())
     console.print(f"[green]done[/green]: {run / 'global'} ({counts})")
+    if (run / "global" / "xnn").is_dir():
+        console.print(f"x-feature global maps and mean contributions: {run / 'global' / 'xnn'}")
 
 
 #: The PEPPR areas ``evaluate`` prints.

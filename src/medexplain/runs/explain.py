@@ -239,10 +239,11 @@ def _prepare(settings: ExplainSettings, store: RunStore, log) -> _Prepared:
     if settings.target not in TARGETS and not 0 <= int(settings.target) < outputs:
         raise RunError(f"--target {settings.target} is not a class index in [0, {outputs})")
     spatial = tuple(first["image"].shape[1:])
-    chunk_size = settings.chunk_size or max(
-        1, min(MAX_CHUNK, CHUNK_BYTES // (4 * math.prod(spatial)))
-    )
     explainer = make_explainer(settings, model)
+    stored = 1 + xnn_record(explainer).get("xnn", {}).get("k", 0)  # maps stored per image
+    chunk_size = settings.chunk_size or max(
+        1, min(MAX_CHUNK, CHUNK_BYTES // (4 * stored * math.prod(spatial)))
+    )
     n = len(dataset) if settings.limit is None else min(int(settings.limit), len(dataset))
     keys, rows = _selection(dataset, n, log)
     record = {
@@ -378,7 +379,7 @@ def explain_run(
         all_errors = store.errors()
         store.write_errors_csv(all_errors)
         store.write_items_csv()
-        write_xnn_csv(store)
+        write_xnn_csv(store, log)
         sync_maps(store, run.dataset, wants_maps(settings.nifti_maps, len(run.spatial)))
         store.update_mean_image(lambda row: _image_or_none(run.dataset, row))
         summary = {

@@ -140,6 +140,7 @@ class XNNExplainer(Explainer):
         self.network: XNNNetwork | None = None
         self.history: TrainHistory | None = None
         self.input_shape: tuple[int, ...] | None = None
+        self._last: XNNExplanation | None = None  # the explanation behind the last call
         if checkpoint is not None:
             self.load(checkpoint)
 
