@@ -210,3 +210,73 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="theta"):
         warp(torch.zeros(1, 1, 8, 8), torch.zeros(1, 3, 4))
     assert "augmented:<name>" in base.available()
+
+
+class RecordingExplainer(IdentityExplainer):
+    """The identity map; remembers every (transformed) image it was shown."""
+
+    name = "recording"
+
+    def __init__(self, model, **kw):
+        super().__init__(model, **kw)
+        self.seen: list[torch.Tensor] = []
+
+    def _attribute(self, x, targets):
+        self.seen.append(x.detach().clone())
+        return super()._attribute(x, targets)
+
+
+def left_right_masses(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    half = images.shape[-1] // 2
+    return images[..., :half].sum((1, 2, 3)), images[..., half:].sum((1, 2, 3))
+
+
+def test_default_augmentation_keeps_an_aligned_image_aligned_and_flips_are_opt_in():
+    from medexplain.data.synthetic import make_benchmark
+
+    # An aligned benchmark image with evidence on its left side only: the brain-like
+    # background is symmetric about the vertical midline, the added pattern is not.
+    image = make_benchmark(3, dims=2, size=32, seed=0).images[:1].clone()
+    image = image - image.amin()
+    image[..., 10:22, 3:10] += 2.0
+    left, right = left_right_masses(image)
+    assert left > 1.2 * right
+    model = tiny_model(2).eval()
+
+    def copies(**params) -> torch.Tensor:
+        inner = RecordingExplainer(model)
+        augmented(inner, n=32, seed=1, **params)(image, 0)
+        return torch.cat(inner.seen)
+
+    # Property: every default copy keeps more mass on the left; rotations within +-5 deg
+    # and zooms of at least 0.8 cannot move the pattern across the midline.
+    left, right = left_right_masses(copies())
+    assert bool((left > right).all())
+    theta = RandomAffine().sample(200, (32, 32), torch.Generator().manual_seed(0))
+    angles = torch.rad2deg(torch.atan2(theta[:, 1, 0], theta[:, 0, 0]))
+    assert 4.0 < float(angles.abs().max()) <= 5.0 + 1e-4
+    assert not bool((theta[:, :, :2].diagonal(dim1=1, dim2=2) < 0).any())  # no flips drawn
+    # Explicit flips of the left-right axis (spatial axis 1) mirror about half of the copies,
+    # the former default (preset or parameters) mirrors some too.
+    for params in ({"flip": [1]}, {"transforms": "all_flips"}, {"flip": True, "rotation": 10}):
+        left, right = left_right_masses(copies(**params))
+        assert 0.25 < float((left < right).float().mean()) < 0.75, params
+    # A vertical flip (axis 0) never moves the pattern to the right.
+    left, right = left_right_masses(copies(flip=(0,)))
+    assert bool((left > right).all())
+
+
+def test_transform_parameters_replace_fields_of_the_transforms():
+    model = tiny_model(2)
+    wrapped = augmented(IdentityExplainer(model), flip=True, rotation=10.0)
+    assert wrapped.transforms == RandomAffine.all_flips()
+    assert augmented(IdentityExplainer(model), transforms="all_flips").transforms == (
+        RandomAffine(rotation=10.0, zoom=(0.8, 1.0), flip=True)
+    )
+    wrapped = augmented(IdentityExplainer(model), transforms="none", zoom=(0.9, 1.0))
+    assert wrapped.transforms == RandomAffine(rotation=0.0, zoom=(0.9, 1.0), flip=False)
+    wrapped = create("augmented:saliency", model, flip=[0], rotation=2.0)
+    assert wrapped.transforms.flip == (0,) and wrapped.transforms.rotation == 2.0
+    assert wrapped.transforms.zoom == (0.8, 1.0)
+    with pytest.raises(ValueError, match="rotation"):
+        augmented(IdentityExplainer(model), rotation=-1.0)

@@ -2,7 +2,10 @@
 
 Charachon et al. (METHODS.md section 4) regularise their generators with random geometric
 augmentation (small rotation, zoom 0.8-1, flips) and report that the same augmentation also
-improves other explanation methods. This module provides both:
+improves other explanation methods. Medical images are usually aligned (registered volumes,
+fundus photographs mirrored to one eye), where a left-right flip moves one side's evidence to
+the other: by default nothing is flipped and rotations stay within +-5 degrees (the
+similar/adversarial generator's default); flips are opt-in. This module provides both:
 
 - :class:`RandomAffine`: random affine matrices in the normalised coordinates of
   :func:`torch.nn.functional.affine_grid` (``align_corners=False``), one code path for 2D
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -42,9 +45,11 @@ PADDING_MODES = ("zeros", "border", "reflection")
 class RandomAffine:
     """Distribution of random affine transforms about the image centre.
 
-    Defaults follow Charachon et al.'s description ("small rotation, zoom 0.8-1, flips");
-    the exact rotation range is not given in the paper: we use +-10 degrees per rotation
-    plane (1 plane in 2D, 3 in 3D).
+    Defaults keep aligned images aligned: +-5 degrees per rotation plane (1 plane in 2D, 3 in
+    3D), zoom 0.8-1 and no flips (the rotation and zoom of the successor code of Charachon
+    et al.; their paper says "small rotation, zoom 0.8-1, flips" without a range).
+    :meth:`all_flips` (preset ``"all_flips"``) is the former default: +-10 degrees, zoom
+    0.8-1 and random flips of every axis.
 
     - ``rotation``: maximum absolute angle in degrees, uniform in ``[-rotation, rotation]``
       for each plane; rotations are in physical (pixel) units, so non-square images rotate
@@ -52,15 +57,16 @@ class RandomAffine:
     - ``zoom``: ``(low, high)`` zoom factor, uniform; a factor ``s <= 1`` samples the central
       ``s`` fraction of the image, i.e. magnifies it (``(1, 1)`` = no zoom);
     - ``flip``: ``True`` flips every spatial axis independently with probability 1/2,
-      ``False`` none, or a tuple of spatial axes (0 = first spatial dim) to flip randomly;
+      ``False`` none (default), or a tuple of spatial axes (0 = first spatial dim) to flip
+      randomly;
     - ``translate``: maximum shift as a fraction of the image size per axis (0 = none);
     - ``padding_mode``: how :func:`warp` fills samples outside the image when augmenting
       images (``"border"`` default; maps are always mapped back with zeros + coverage).
     """
 
-    rotation: float = 10.0
+    rotation: float = 5.0
     zoom: tuple[float, float] = (0.8, 1.0)
-    flip: bool | tuple[int, ...] = True
+    flip: bool | tuple[int, ...] = False
     translate: float = 0.0
     padding_mode: str = "border"
 
@@ -84,6 +90,12 @@ class RandomAffine:
     def flips_only(cls) -> RandomAffine:
         """Random flips of every axis, nothing else (exactly invertible)."""
         return cls(rotation=0.0, zoom=(1.0, 1.0), flip=True, translate=0.0)
+
+    @classmethod
+    def all_flips(cls) -> RandomAffine:
+        """Rotation +-10 degrees, zoom 0.8-1 and random flips of every axis (mirrors left and
+        right: for data that is not aligned)."""
+        return cls(rotation=10.0, zoom=(0.8, 1.0), flip=True, translate=0.0)
 
     @classmethod
     def none(cls) -> RandomAffine:
@@ -175,15 +187,20 @@ def warp(
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
+PRESETS = ("default", "flips", "all_flips", "none")
+
+
 def as_random_affine(transforms: RandomAffine | Mapping[str, Any] | str | None) -> RandomAffine:
-    """Accept a :class:`RandomAffine`, a dict of its fields, ``"default"``, ``"flips"``,
-    ``"none"`` or None (the default)."""
+    """Accept a :class:`RandomAffine`, a dict of its fields, a preset name (``"default"``,
+    ``"flips"``, ``"all_flips"``, ``"none"``) or None (the default)."""
     if transforms is None or transforms == "default":
         return RandomAffine()
     if isinstance(transforms, RandomAffine):
         return transforms
     if transforms == "flips":
         return RandomAffine.flips_only()
+    if transforms == "all_flips":
+        return RandomAffine.all_flips()
     if transforms == "none":
         return RandomAffine.none()
     if isinstance(transforms, Mapping):
@@ -195,7 +212,7 @@ def as_random_affine(transforms: RandomAffine | Mapping[str, Any] | str | None) 
             )
         return RandomAffine(**transforms)
     raise TypeError(
-        "transforms must be a RandomAffine, a dict of its fields, 'default', 'flips' or 'none'; "
+        f"transforms must be a RandomAffine, a dict of its fields or one of {PRESETS}; "
         f"got {transforms!r}"
     )
 
@@ -269,6 +286,9 @@ def augmented(
     *,
     n: int = 8,
     transforms: RandomAffine | Mapping[str, Any] | str | None = None,
+    rotation: float | None = None,
+    zoom: Sequence[float] | None = None,
+    flip: bool | Sequence[int] | None = None,
     seed: int = 0,
     **inner_params: Any,
 ) -> AugmentedExplainer:
@@ -279,7 +299,17 @@ def augmented(
     explainer, ``seed`` also seeds the transforms. ``n = 8`` copies is our default (the paper
     does not fix it). With an instance, ``model`` may be omitted and ``inner_params`` must be
     empty; a different ``model`` raises.
+
+    The transforms: ``transforms`` (a :class:`RandomAffine`, a dict of its fields or a
+    preset name; default: +-5 degrees, zoom 0.8-1, no flips), then ``rotation`` (maximum
+    degrees), ``zoom`` (``(low, high)``) and ``flip`` (True = every axis, a list of spatial
+    axes, False) replace its fields when given: ``flip=True, rotation=10`` is the former
+    default.
     """
+    overrides = {"rotation": rotation, "zoom": zoom, "flip": flip}
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    if chosen:
+        transforms = replace(as_random_affine(transforms), **chosen)
     if isinstance(explainer_or_name, Explainer):
         if inner_params:
             raise ValueError(

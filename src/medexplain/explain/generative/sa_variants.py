@@ -35,7 +35,8 @@ def resolve_augment(
 ) -> RandomAffine | None:
     """``True``: the variant's augmentation; ``False``/None: none; otherwise a
     :class:`RandomAffine`, a dict of its fields or a preset name (``"default"`` is
-    :class:`RandomAffine`'s own defaults, which flip every axis)."""
+    :class:`RandomAffine`'s own defaults, the same as ``variant="default"``'s;
+    ``"all_flips"`` flips every axis)."""
     if augment is True:
         return variant_augment(variant)
     if augment is False or augment is None:
