@@ -22,6 +22,7 @@ from medexplain.models.checkpoint import save_checkpoint
 from medexplain.models.cnn import CNNConfig, build_classifier
 from medexplain.runs import Chunk, ExplainSettings, RunStore, explain_run, global_run, report_run
 from medexplain.runs.xnn_run import xnn_image, xnn_table
+from medexplain.runs.xnn_summary import _top_images
 
 N_IMAGES = 10
 CLASSES = ("a", "b", "c")
@@ -244,6 +245,13 @@ def test_report_has_the_xnn_section_with_the_numbers(setup, run):
     first = view["top_activating"][0]
     assert f"#{first['index'][0]} ({first['value'][0]:.3g})" in page
     assert (run / "figures" / "report_xnn.png").stat().st_size > 0
+    # the figure's top-activating images are the images of those manifest rows
+    images, shown, names = _top_images(RunStore(run), RunStore(run).record(), view, print)
+    root, _ = setup
+    for top, drawn in zip(view["top_activating"], shown["top_activating"]):
+        for row, position in zip(top["index"], drawn["index"]):
+            assert names[position] == f"#{row}"
+            np.testing.assert_array_equal(images[position].numpy(), _image(root, row).numpy())
 
 
 @pytest.mark.slow

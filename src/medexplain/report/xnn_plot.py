@@ -63,11 +63,13 @@ def plot_xnn(
     *,
     n_top: int = 4,
     path: str | os.PathLike | None = None,
+    names: Sequence[str] | None = None,
 ):
     """The figure of XNN's global view (module docstring). ``view``: the document of
     ``global_view``; ``images`` ``(N, C, *S)`` the images its indices refer to;
-    ``global_maps``: :func:`x_feature_global_maps`'s results (omitted when None). Saves a
-    PNG when ``path`` is given; returns the Figure."""
+    ``global_maps``: :func:`x_feature_global_maps`'s results (omitted when None); ``names``
+    one title per image (default ``image <index>``). Saves a PNG when ``path`` is given;
+    returns the Figure."""
     from matplotlib.figure import Figure
 
     k = int(view["k"])
@@ -91,7 +93,8 @@ def plot_xnn(
         for col, index in enumerate(top):
             ax = fig.add_subplot(grid[j + 1, col])
             ax.imshow(_plane(images[index, 0]), cmap="gray")
-            ax.set_title(f"x{j}: image {index}", fontsize="small")
+            name = f"image {index}" if names is None else names[index]
+            ax.set_title(f"x{j}: {name}", fontsize="small")
             ax.axis("off")
         for col, key in enumerate(label_keys):
             ax = fig.add_subplot(grid[j + 1, n_top + col])

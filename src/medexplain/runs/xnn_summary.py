@@ -150,8 +150,9 @@ def _stored_view(store: RunStore) -> tuple[dict[str, Any], list[GlobalResult]] |
 
 
 def _top_images(store: RunStore, record: dict[str, Any], view: dict[str, Any], log):
-    """The top-activating images ``(M, C, *S)`` read again from the data, and the view with
-    their indices renumbered into that array (zeros when the data cannot be read)."""
+    """The top-activating images ``(M, C, *S)`` read again from the data (zeros when the
+    data cannot be read), the view with their indices renumbered into that array, and each
+    image's manifest row as its title."""
     import torch
 
     rows = sorted({i for top in view["top_activating"] for i in top["index"]})
@@ -168,7 +169,7 @@ def _top_images(store: RunStore, record: dict[str, Any], view: dict[str, Any], l
             images[position] = item["image"].double()
     where = {row: position for position, row in enumerate(rows)}
     tops = [{**top, "index": [where[i] for i in top["index"]]} for top in view["top_activating"]]
-    return images, {**view, "top_activating": tops}
+    return images, {**view, "top_activating": tops}, [f"#{row}" for row in rows]
 
 
 def xnn_section(store: RunStore, record: dict[str, Any], figures: Path, log=print) -> str | None:
@@ -196,10 +197,10 @@ def xnn_section(store: RunStore, record: dict[str, Any], figures: Path, log=prin
         f"class <i>c</i> over the images of that {html.escape(view['by'])} (xnn.csv has every "
         "image's contributions to its target).</p>" + plain_table(header, rows)
     )
-    images, shown = _top_images(store, record, view, log)
+    images, shown, names = _top_images(store, record, view, log)
     path = figures / "report_xnn.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    plot_xnn(shown, images, results, n_top=min(4, N_TOP), path=path)
+    plot_xnn(shown, images, results, n_top=min(4, N_TOP), path=path, names=names)
     tops = "".join(
         f"<li>x{j}: "
         + ", ".join(f"#{i} ({v:.3g})" for i, v in zip(t["index"], t["value"]))
