@@ -276,3 +276,57 @@ def test_ray_engine_stores_the_same_x_features(setup, run):
     for name in ("xnn_feature_maps", "xnn_contributions", "xnn_x_features", "maps"):
         np.testing.assert_allclose(a[name][order_a], b[name][order_b], atol=1e-6)
     assert (root / "ray" / "xnn.csv").read_text() == (run / "xnn.csv").read_text()
+
+
+def test_volumes_x_feature_global_maps_as_nifti_and_chunks_sized_by_stored_maps(
+    tmp_path, monkeypatch
+):
+    """3D: each x-feature's label-wise global map is also a NIfTI on the scans' grid, equal
+    to the mean of the stored maps by hand; the default chunk holds as many images as fit
+    the chunk budget with k + 1 maps per image."""
+    import nibabel as nib
+
+    import medexplain.runs.explain as explain_module
+
+    rng = np.random.default_rng(1)
+    affine = np.array([[2.0, 0, 0, -8], [0, 2.0, 0, 4], [0, 0, 2.0, 1], [0, 0, 0, 1]])
+    for i in range(6):
+        folder = tmp_path / "data" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        volume = rng.random((8, 8, 8)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, affine), str(folder / f"s{i}.nii.gz"))
+    net = build_classifier(CNNConfig(spatial_dims=3, num_classes=2, widths=(4, 8), norm="none"))
+    save_checkpoint(tmp_path / "model.pt", net, extra={"class_names": ["a", "b"]})
+    train = torch.rand((16, 1, 8, 8, 8), generator=torch.Generator().manual_seed(2))
+    fit_xnn(
+        net,
+        TensorDataset(train, torch.zeros(16)),
+        out=tmp_path / "x.ckpt",
+        progress=False,
+        k=2,
+        epochs=5,
+    )
+    budget = 4 * 512 * (1 + 2) * 2  # two images with their map and two x-feature maps
+    monkeypatch.setattr(explain_module, "CHUNK_BYTES", budget)
+    settings = ExplainSettings(
+        data=str(tmp_path / "data"),
+        method="xnn",
+        model=str(tmp_path / "model.pt"),
+        explainer_checkpoint=str(tmp_path / "x.ckpt"),
+    )
+    explain_run(settings, tmp_path / "run", progress=False, log=lambda m: None)
+    record = RunStore(tmp_path / "run").record()
+    assert record["identity"]["chunk_size"] == 2
+    global_run(
+        tmp_path / "run", by="label", normalise="none", transform="signed", log=lambda m: None
+    )
+    chunks = list(RunStore(tmp_path / "run").iter_chunks())
+    fmaps = np.concatenate([c.extra["xnn_feature_maps"] for c in chunks]).astype(np.float64)
+    labels = np.concatenate([c.label for c in chunks])
+    for j in range(2):
+        image = nib.load(
+            str(tmp_path / "run" / "global" / "xnn" / f"feature_{j}" / "label__b_mean.nii.gz")
+        )
+        np.testing.assert_allclose(image.affine, affine)
+        expected = fmaps[labels == 1, j, 0].mean(0)
+        np.testing.assert_allclose(image.get_fdata(), expected, atol=1e-5 * np.abs(expected).max())

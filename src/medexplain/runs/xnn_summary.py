@@ -5,7 +5,8 @@ For an ``xnn`` run (:mod:`medexplain.runs.xnn_run`), ``global`` also writes ``RU
 - ``feature_<j>/``: x-feature ``j``'s global maps by label (by prediction when the run is
   unlabelled or ``--by prediction``): the stored maps ``xnn_feature_maps[:, j]`` fed chunk by
   chunk to the global-map accumulator with the ``global`` command's normalisation and
-  transform (:class:`~medexplain.globalmaps.GlobalResult` files);
+  transform (:class:`~medexplain.globalmaps.GlobalResult` files, and NIfTI for volumes
+  that share one grid, as ``global`` writes its own);
 - ``xnn.json``: ``k``, ``by``, ``contributions`` (per class ``c``: ``mean_contribution`` the
   mean over the group's images of ``W[c, j] e_j``, the contribution of each x-feature to
   that class's logit, the head's ``bias`` ``b_c`` and the number of images ``n``) and
@@ -31,8 +32,9 @@ from ..core.errors import one_line
 from ..data.readers import DataError
 from ..globalmaps import GlobalMaps, GlobalResult
 from .aggregate import add_chunk
-from .atomic import atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import RunError
+from .nifti_maps import shared_grid
 from .settings import open_data, settings_of
 from .store import RunStore
 from .xnn_run import ARRAYS
@@ -133,8 +135,15 @@ def write_xnn_global(
     directory = store.root / "global" / "xnn"
     if directory.exists():
         shutil.rmtree(directory)
+    grid = shared_grid(store) if len(record["spatial_shape"]) == 3 else None
     for j, result in enumerate(results):
         result.save(directory / f"feature_{j}")
+        if grid is not None and grid.problem is None:
+            from ..report.nifti import nifti_bytes
+
+            for name, array in result.to_arrays().items():
+                data = nifti_bytes(array, grid.affine, grid.codes)
+                atomic_write_bytes(directory / f"feature_{j}" / f"{name}.nii.gz", data)
     view["global_maps"] = [f"feature_{j}" for j in range(len(results))]
     view["settings"] = {"normalise": normalise, "transform": transform}
     return atomic_write_text(directory / "xnn.json", json.dumps(view, indent=2))
