@@ -245,6 +245,13 @@ def test_report_has_the_xnn_section_with_the_numbers(setup, run):
     first = view["top_activating"][0]
     assert f"#{first['index'][0]} ({first['value'][0]:.3g})" in page
     assert (run / "figures" / "report_xnn.png").stat().st_size > 0
+    # without global (its defaults are label, max, abs), the page computes the same numbers
+    bare = run.parent / "bare"
+    shutil.copytree(run, bare)
+    shutil.rmtree(bare / "global")
+    assert report_run(bare, log=lambda m: None).read_text().count("<td>") == page.count("<td>")
+    entry = next(iter(view["contributions"].values()))
+    assert f"<td>{entry['mean_contribution'][0]:.4g}</td>" in (bare / "report.html").read_text()
     # the figure's top-activating images are the images of those manifest rows
     images, shown, names = _top_images(RunStore(run), RunStore(run).record(), view, print)
     root, _ = setup

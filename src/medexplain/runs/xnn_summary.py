@@ -13,8 +13,8 @@ For an ``xnn`` run (:mod:`medexplain.runs.xnn_run`), ``global`` also writes ``RU
   ``top_activating`` (per x-feature the manifest rows, paths and values of the images with
   the largest ``e_j``, largest first, ties by row).
 
-``report`` shows the same numbers (computed in memory when ``global`` has not run) with the
-figure of :func:`medexplain.report.xnn_plot.plot_xnn`.
+``report`` shows the same numbers, computed again from the chunks (with ``global``'s options
+when it ran), with the figure of :func:`medexplain.report.xnn_plot.plot_xnn`.
 """
 
 from __future__ import annotations
@@ -149,13 +149,18 @@ def write_xnn_global(
     return atomic_write_text(directory / "xnn.json", json.dumps(view, indent=2))
 
 
-def _stored_view(store: RunStore) -> tuple[dict[str, Any], list[GlobalResult]] | None:
-    """``global``'s xnn view and maps when they are stored, else None."""
+def _options(store: RunStore) -> tuple[str, str, str]:
+    """``(by, normalise, transform)`` of ``global``'s x-feature maps when it ran, else
+    label (prediction for an unlabelled run), max, abs."""
     path = store.root / "global" / "xnn" / "xnn.json"
-    if not path.is_file():
-        return None
-    view = json.loads(path.read_text())
-    return view, [GlobalResult.load(path.parent / name) for name in view["global_maps"]]
+    if path.is_file():
+        view = json.loads(path.read_text())
+        return view["by"], view["settings"]["normalise"], view["settings"]["transform"]
+    labelled = any(
+        len(chunk) and bool((np.asarray(chunk.label) >= 0).any())
+        for chunk in store.iter_chunks(maps=False)
+    )
+    return ("label" if labelled else "prediction"), "max", "abs"
 
 
 def _top_images(store: RunStore, record: dict[str, Any], view: dict[str, Any], log):
@@ -184,16 +189,15 @@ def _top_images(store: RunStore, record: dict[str, Any], view: dict[str, Any], l
 def xnn_section(store: RunStore, record: dict[str, Any], figures: Path, log=print) -> str | None:
     """The report's XNN section (HTML) for an xnn run, None for other methods: the per-class
     mean-contribution table, and the figure of top-activating images and x-feature global
-    maps (``global``'s when it ran, else computed here by label, max, abs)."""
+    maps, computed here from the chunks (with ``global``'s grouping, normalisation and
+    transform when it ran, else by label, max, abs), so they follow a run explained further."""
     from ..report.html import embed_png, plain_table
     from ..report.xnn_plot import plot_xnn
 
     if "xnn" not in record:
         return None
-    stored = _stored_view(store)
-    view, results = stored or xnn_global(
-        store, record, "label" if _labelled(store) else "prediction"
-    )
+    by, normalise, transform = _options(store)
+    view, results = xnn_global(store, record, by, normalise, transform)
     k = int(view["k"])
     header = ["class (" + view["by"] + ")", "images", "bias"] + [f"x{j}" for j in range(k)]
     rows = [
@@ -217,11 +221,9 @@ def xnn_section(store: RunStore, record: dict[str, Any], figures: Path, log=prin
         for j, t in enumerate(view["top_activating"])
     )
     body += f"<p>Top-activating images (manifest row, e<sub>j</sub>):</p><ul>{tops}</ul>"
-    return body + embed_png(path)
-
-
-def _labelled(store: RunStore) -> bool:
-    return any(
-        len(chunk) and bool((np.asarray(chunk.label) >= 0).any())
-        for chunk in store.iter_chunks(maps=False)
+    body += (
+        f"<p>Figure: the table's contributions, then per x-feature its top 4 images and its "
+        f"global map by {html.escape(by)} ({html.escape(normalise)}, {html.escape(transform)})."
+        "</p>"
     )
+    return body + embed_png(path)
