@@ -15,6 +15,9 @@ CPU seconds per image, model passes per image. ``--iterations`` / ``--integratio
 are smaller than the papers' 15 / 20 by default so that a run takes a few minutes; both
 variants use the same values. Prints one JSON document.
 
+``--cohort brain|chest|retina``: a 2D cohort with the demo's classifier instead
+(``benchmarks/paper_data.py``); ``--out`` also writes the JSON.
+
 Usage: ``python benchmarks/igos_paper.py --method igos++ [--images 16] [--ablate]``.
 """
 
@@ -33,7 +36,8 @@ from medexplain.explain import create
 from medexplain.explain.igos import IGOSOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from igos import faithfulness, load_classifier
+from igos import faithfulness
+from paper_data import COHORT_CHOICES, load
 
 #: Options that only concern one of the two methods.
 ONLY = {"integrated_objective": "igos"} | {
@@ -59,10 +63,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--integration-steps", type=int, default=10)
     parser.add_argument("--ablate", action="store_true", help="one option at a time")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cohort", choices=COHORT_CHOICES, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    test, mean_image, model = load_classifier()
+    data = load(args.cohort)
+    test, mean_image, model = data.test, data.train.mean_image(), data.model
     x = test.images[: args.images]
     labels = test.labels[: args.images]
     evidence = test.evidence[: args.images]
@@ -101,7 +108,11 @@ def main(argv=None) -> dict:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     report = {
-        "benchmark": "default 2D synthetic benchmark (tests/conftest.py BENCH2D), test split",
+        "benchmark": (
+            "default 2D synthetic benchmark (tests/conftest.py BENCH2D), test split"
+            if args.cohort is None
+            else data.description
+        ),
         "settings": {
             **{k: v for k, v in base.items() if k != "mean_image"},
             "images": len(x),
@@ -110,7 +121,10 @@ def main(argv=None) -> dict:
         "accuracy_on_these_images": round(float(correct.float().mean()), 4),
         "results": rows,
     }
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
     return report
 
 

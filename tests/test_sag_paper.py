@@ -213,13 +213,18 @@ def test_paper_sag_finds_both_squares_and_keeps_low_children(two_squares):
                 assert child.patches == tuple(k for k in patches if k != e.removed)
                 (score,) = reference_ins(model, x, 1, result.grid, [child.patches])
                 assert child.ratio == pytest.approx(float(score) / p, abs=1e-5)
-    # Ours keeps them too, and removes every patch of an expanded node.
-    ours = StructuredAttentionGraph(model, heuristic_steps=4, max_roots=4).explain_image(x, 1)
-    assert any(node.ratio <= ours.child_threshold for node in ours.nodes)
-    for i in {e.parent for e in ours.edges}:
-        assert ours.nodes[i].ratio > ours.child_threshold
-        removed = sorted(e.removed for e in ours.edges if e.parent == i)
-        assert removed == list(ours.nodes[i].patches)
+    # The default grows the same graph (first three patches); graph_removals=None removes
+    # every patch of an expanded node; both keep the low children.
+    for removals in (3, None):
+        ours = StructuredAttentionGraph(
+            model, heuristic_steps=4, max_roots=4, graph_removals=removals
+        ).explain_image(x, 1)
+        assert any(node.ratio <= ours.child_threshold for node in ours.nodes)
+        for i in {e.parent for e in ours.edges}:
+            assert ours.nodes[i].ratio > ours.child_threshold
+            removed = sorted(e.removed for e in ours.edges if e.parent == i)
+            patches = ours.nodes[i].patches
+            assert removed == (list(patches) if removals is None else sorted(patches[:3]))
 
 
 def test_paper_map_json_and_picture(two_squares, tmp_path):

@@ -19,8 +19,9 @@ it below. Search (batched over all successors of one depth)::
         stop when more than max_roots roots were found
 
 Then the diverse subset (the largest set of roots pairwise sharing <= 1 patch, ties by total
-score) and the graph grown from its ``max_shown`` best roots (child = parent minus one
-patch; every child is kept, those with ``ins(child) / P > child_threshold`` are expanded).
+score) and the graph grown from its ``max_shown`` best roots (child = parent minus one of its
+first ``graph_removals`` = 3 patches in raster order, the authors' rule, none of a one-patch
+node; every child is kept, those with ``ins(child) / P > child_threshold`` are expanded).
 
 Defaults from the paper: 7 x 7 grid at 224 px, q = 15 candidates, beam width 3, threshold
 0.9, more than 10 roots, child threshold 0.4, 3 roots shown, black baseline, a 2-iteration
@@ -28,8 +29,7 @@ I-GOS heuristic with the authors' TV weight 20 at the grid (not rescaled with th
 and line search from step 200. Our choices: the grid is the same number of patches per axis
 whatever the image size (blocks of ``n / g`` pixels, sizes differing by at most one); the
 I-GOS heuristic uses the same baseline as the search, and runs at ``max(g, 4)`` cells per
-axis (I-GOS' minimum) pooled back to ``g`` by averaging; the graph removes every patch of a
-node (the authors: its first three); scores of sets already evaluated are
+axis (I-GOS' minimum) pooled back to ``g`` by averaging; scores of sets already evaluated are
 cached (a set is never sent through the model twice, so batched and one-at-a-time modes
 make the same passes); ties (equal scores) keep the order in which sets were generated; a
 sufficient successor that contains a root already found is neither pruned nor expanded (its
@@ -43,8 +43,7 @@ heuristic's I-GOS with fresh noise at every step and line searches that go on af
 failing, strict sufficiency ``ins(S) > threshold * P``, the beam walk that
 stops once the beam holds ``beam_width + 1`` sets, pruning by raster greedy passes (every
 sufficient successor, also one holding a known root), the root count checked after the
-whole depth, the diverse subset first found in discovery order, and the graph that removes
-only the first three patches of a node (none of a one-patch node). The default
+whole depth and the diverse subset first found in discovery order. The default
 (``"default"``) keeps our choices above; docs/methods.md lists each difference with its
 measured reason.
 
@@ -80,8 +79,9 @@ from .sag_search import InsertionScorer, beam_search, paper_search
 VARIANTS = ("default", "paper")
 #: The parts in which the variants differ (``paper_parts``): the patch shape, the I-GOS run
 #: of the heuristic (fresh noise, failed line searches go on), the search (beam walk,
-#: pruning, stopping, diverse subset) and which children the graph scores.
-PAPER_PARTS = frozenset({"patches", "heuristic", "search", "graph"})
+#: pruning, stopping, diverse subset). Both variants grow the authors' graph
+#: (``graph_removals``).
+PAPER_PARTS = frozenset({"patches", "heuristic", "search"})
 
 #: I-GOS' smallest mask resolution per axis (explain/igos.py MIN_MASK_SIZE).
 _IGOS_MIN_SIZE = 4
@@ -98,7 +98,9 @@ class StructuredAttentionGraph(Explainer):
     - ``baseline``: ``"zero"`` (black, the paper), ``"blur"``, ``"mean"`` (with
       ``mean_image``) or a tensor;
     - ``child_threshold`` (0.4), ``max_shown`` (3 roots grow the graph), ``max_overlap``
-      (1 patch, the diverse-subset rule), ``max_nodes`` (ours: 200, bounds the graph);
+      (1 patch, the diverse-subset rule), ``max_nodes`` (ours: 200, bounds the graph),
+      ``graph_removals`` (3: a node's children remove one of its first 3 patches in raster
+      order, the authors' code; None: every patch, more children at more passes);
     - ``heuristic_iterations`` (2 I-GOS iterations), ``heuristic_steps`` (I-GOS
       integration steps, its default 20); a forward-only model (ONNX) gets the
       :meth:`occlusion_heuristic` instead;
@@ -109,7 +111,7 @@ class StructuredAttentionGraph(Explainer):
       ``max(batch_size, 32)`` (its default);
     - ``activation``: how logits become ``f_c`` (see :func:`medexplain.core.scores.probabilities`);
     - ``variant``: ``"default"`` (ours) or ``"paper"`` (the authors' published code: soft
-      patches, their beam walk, raster pruning, diverse subset and graph; module
+      patches, their beam walk, raster pruning and diverse subset; module
       docstring).
 
     ``explain_image`` returns a :class:`SAGResult`; calling the explainer returns the
@@ -134,6 +136,7 @@ class StructuredAttentionGraph(Explainer):
         max_shown: int = 3,
         max_overlap: int = 1,
         max_nodes: int = 200,
+        graph_removals: int | None = 3,
         heuristic_iterations: int = 2,
         heuristic_steps: int = 20,
         batched: bool = True,
@@ -157,6 +160,8 @@ class StructuredAttentionGraph(Explainer):
             "heuristic_iterations": heuristic_iterations,
             "heuristic_steps": heuristic_steps,
         }
+        if graph_removals is not None:
+            positive["graph_removals"] = graph_removals
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -179,6 +184,7 @@ class StructuredAttentionGraph(Explainer):
         self.max_shown = max_shown
         self.max_overlap = max_overlap
         self.max_nodes = max_nodes
+        self.graph_removals = graph_removals
         self.heuristic_iterations = heuristic_iterations
         self.heuristic_steps = heuristic_steps
         self.batched = bool(batched)
@@ -361,7 +367,7 @@ class StructuredAttentionGraph(Explainer):
             probability,
             self.child_threshold,
             self.max_nodes,
-            paper="graph" in self.paper_parts,
+            removals=self.graph_removals,
         )
         passes["graph"] = scorer.images - passes["p"] - passes["search"]
         passes.update(heuristic_passes)

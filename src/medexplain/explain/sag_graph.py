@@ -341,15 +341,15 @@ def build_graph(
     probability: float,
     child_threshold: float = 0.4,
     max_nodes: int = 200,
-    paper: bool = False,
+    removals: int | None = 3,
 ) -> tuple[list[SAGNode], list[SAGEdge], bool]:
     """Grow the SAG from ``roots`` level by level (METHODS.md 3).
 
     A child is its parent minus one patch; every child becomes a node (the low-score leaves
     show which patch breaks the decision) and is expanded in turn only when
-    ``score(child) / P > child_threshold``. Ours (``paper=False``): every patch of a node
-    is removed in turn. The authors' (``paper=True``): only the first three patches of a
-    node (raster order), and a one-patch node has no children. Nodes reached from
+    ``score(child) / P > child_threshold``. ``removals=3`` (the authors' code): only the
+    first three patches of a node (raster order) are removed, and a one-patch node has no
+    children; ``removals=None``: every patch of a node in turn. Nodes reached from
     several parents (or roots) are kept once, with one edge per parent (the authors draw a
     tree in which such a node is repeated under each parent; the nodes and edges are the
     same). All children of a level are scored in one call of ``score_sets`` (batched by the
@@ -366,9 +366,9 @@ def build_graph(
             return 1.0
 
     def removable(parent: PatchSet) -> PatchSet:
-        if not paper:
+        if removals is None:
             return parent
-        return parent[:3] if len(parent) > 1 else ()
+        return parent[:removals] if len(parent) > 1 else ()
 
     index: dict[PatchSet, int] = {}
     nodes: list[SAGNode] = []
@@ -377,7 +377,9 @@ def build_graph(
     for root, score in zip(unique_roots, score_sets(unique_roots)):
         index[root] = len(nodes)
         nodes.append(SAGNode(root, score, ratio(score), 0))
-    frontier = [r for r in unique_roots if not paper or nodes[index[r]].ratio > child_threshold]
+    frontier = [
+        r for r in unique_roots if removals is None or nodes[index[r]].ratio > child_threshold
+    ]
     truncated = False
     level = 0
     while frontier:
