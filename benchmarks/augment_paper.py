@@ -8,11 +8,12 @@ alone and inside ``augmented:`` with ``n = --copies`` transformed copies per ima
 each setting:
 
 - ``plain``: the inner explainer without the wrapper;
-- ``default``: rotation +-5 degrees, zoom 0.8-1, no flips (the wrapper's default);
-- ``default_no_zoom``: rotation +-5 degrees, no zoom, no flips;
+- ``default``: rotation +-5 degrees, no zoom, no flips (the wrapper's default);
+- ``default+zoom``: rotation +-5 degrees, zoom 0.8-1, no flips (the generators' default);
 - ``former_default``: rotation +-10 degrees, zoom 0.8-1, random flips of every axis
   (preset ``"all_flips"``);
-- ``vertical_flips``: the default with random flips of the first spatial axis (rows).
+- ``vertical_flips``: rotation +-5 degrees, zoom 0.8-1 and random flips of the first
+  spatial axis (rows), the generators' ``variant="paper"``.
 
 Each row: localization AUROC of ``|map|`` against the evidence masks (correctly classified
 images with evidence), deletion / insertion AUC of ``|map|`` (dataset-mean baseline, 2 %
@@ -41,9 +42,9 @@ from paper_data import COHORT_CHOICES, load
 SETTINGS: dict[str, dict | None] = {
     "plain": None,
     "default": {},
-    "default_no_zoom": {"zoom": (1.0, 1.0)},
+    "default+zoom": {"zoom": (0.8, 1.0)},
     "former_default": {"transforms": "all_flips"},
-    "vertical_flips": {"flip": (0,)},
+    "vertical_flips": {"zoom": (0.8, 1.0), "flip": (0,)},
 }
 
 

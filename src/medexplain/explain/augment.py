@@ -4,8 +4,9 @@ Charachon et al. (METHODS.md section 4) regularise their generators with random 
 augmentation (small rotation, zoom 0.8-1, flips) and report that the same augmentation also
 improves other explanation methods. Medical images are usually aligned (registered volumes,
 fundus photographs mirrored to one eye), where a left-right flip moves one side's evidence to
-the other: by default nothing is flipped and rotations stay within +-5 degrees (the
-similar/adversarial generator's default); flips are opt-in. This module provides both:
+the other: by default nothing is flipped or zoomed and rotations stay within +-5 degrees (the
+similar/adversarial generator's rotation); zoom and flips are opt-in. This module provides
+both:
 
 - :class:`RandomAffine`: random affine matrices in the normalised coordinates of
   :func:`torch.nn.functional.affine_grid` (``align_corners=False``), one code path for 2D
@@ -46,10 +47,10 @@ class RandomAffine:
     """Distribution of random affine transforms about the image centre.
 
     Defaults keep aligned images aligned: +-5 degrees per rotation plane (1 plane in 2D, 3 in
-    3D), zoom 0.8-1 and no flips (the rotation and zoom of the successor code of Charachon
-    et al.; their paper says "small rotation, zoom 0.8-1, flips" without a range).
-    :meth:`all_flips` (preset ``"all_flips"``) is the former default: +-10 degrees, zoom
-    0.8-1 and random flips of every axis.
+    3D, the rotation of the successor code of Charachon et al.; their paper says "small
+    rotation, zoom 0.8-1, flips" without a range), no zoom and no flips
+    (``zoom=(0.8, 1.0)`` adds their zoom). :meth:`all_flips` (preset ``"all_flips"``) is the
+    former default: +-10 degrees, zoom 0.8-1 and random flips of every axis.
 
     - ``rotation``: maximum absolute angle in degrees, uniform in ``[-rotation, rotation]``
       for each plane; rotations are in physical (pixel) units, so non-square images rotate
@@ -65,7 +66,7 @@ class RandomAffine:
     """
 
     rotation: float = 5.0
-    zoom: tuple[float, float] = (0.8, 1.0)
+    zoom: tuple[float, float] = (1.0, 1.0)
     flip: bool | tuple[int, ...] = False
     translate: float = 0.0
     padding_mode: str = "border"
@@ -301,10 +302,10 @@ def augmented(
     empty; a different ``model`` raises.
 
     The transforms: ``transforms`` (a :class:`RandomAffine`, a dict of its fields or a
-    preset name; default: +-5 degrees, zoom 0.8-1, no flips), then ``rotation`` (maximum
+    preset name; default: +-5 degrees, no zoom, no flips), then ``rotation`` (maximum
     degrees), ``zoom`` (``(low, high)``) and ``flip`` (True = every axis, a list of spatial
-    axes, False) replace its fields when given: ``flip=True, rotation=10`` is the former
-    default.
+    axes, False) replace its fields when given: ``flip=True, rotation=10, zoom=(0.8, 1)`` is
+    the former default.
     """
     overrides = {"rotation": rotation, "zoom": zoom, "flip": flip}
     chosen = {k: v for k, v in overrides.items() if v is not None}

@@ -35,7 +35,7 @@ def resolve_augment(
 ) -> RandomAffine | None:
     """``True``: the variant's augmentation; ``False``/None: none; otherwise a
     :class:`RandomAffine`, a dict of its fields or a preset name (``"default"`` is
-    :class:`RandomAffine`'s own defaults, the same as ``variant="default"``'s;
+    :class:`RandomAffine`'s own defaults: ``variant="default"``'s without its zoom;
     ``"all_flips"`` flips every axis)."""
     if augment is True:
         return variant_augment(variant)
