@@ -12,7 +12,7 @@ from torch import nn
 
 from medexplain.explain import create
 from medexplain.explain.sag import StructuredAttentionGraph, coverage_map, run_sag
-from medexplain.explain.sag_graph import SAGResult, diverse_subset
+from medexplain.explain.sag_graph import SAGResult, build_graph, diverse_subset
 from medexplain.report.sag_plot import plot_sag
 
 
@@ -134,6 +134,8 @@ def test_3d_cubes_and_bad_input():
     check_minimal_sufficient_grid(model, x, result)
     with pytest.raises(ValueError, match="grid"):
         StructuredAttentionGraph(model, grid=0)
+    with pytest.raises(ValueError, match="graph_removals"):
+        StructuredAttentionGraph(model, graph_removals=0)
     with pytest.raises(ValueError, match="one image"):
         StructuredAttentionGraph(model, grid=2).explain_image(torch.rand(2, 1, 8, 8, 8))
 
@@ -254,3 +256,24 @@ def test_registered_map_is_weighted_root_coverage():
     expected[:4, :4] = 0.5
     expected[4:, 4:] = 0.5
     assert torch.allclose(maps[0, 0], expected)
+
+
+def test_graph_children_follow_the_removal_rule_counted_by_hand():
+    # ins(S) / P = |S| / 5 for a five-patch root: every set above 2 patches is expanded.
+    def score_sets(sets):
+        return [len(s) / 5 for s in sets]
+
+    every, every_edges, cut = build_graph([(0, 1, 2, 3, 4)], score_sets, 1.0, removals=None)
+    # Every patch removed: all subsets of 5, 4, 3 and 2 patches; edges 5 + 5*4 + 10*3.
+    assert not cut and len(every) == 1 + 5 + 10 + 10 and len(every_edges) == 5 + 20 + 30
+    first3, edges, cut = build_graph([(0, 1, 2, 3, 4)], score_sets, 1.0, removals=3)
+    # The first three of a 4-set never include its last patch, 4: level 1 drops 0, 1 or 2
+    # (3 sets), level 2 keeps 4 (the 6 triples holding 4), level 3 removes any of 3 (all 10
+    # pairs); edges 3 + 3*3 + 6*3.
+    sizes = sorted(len(node.patches) for node in first3)
+    assert not cut and sizes == [2] * 10 + [3] * 6 + [4] * 3 + [5]
+    assert all(4 in node.patches for node in first3 if len(node.patches) == 3)
+    assert len(edges) == 3 + 9 + 18
+    assert all(e.removed in first3[e.parent].patches[:3] for e in edges)
+    # Leaves (ratio 0.4, not above the child threshold) have no children.
+    assert {e.parent for e in edges} == {i for i, n in enumerate(first3) if len(n.patches) > 2}
