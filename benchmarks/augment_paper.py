@@ -37,7 +37,7 @@ from medexplain.explain import create
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from igos import faithfulness
-from paper_data import COHORT_CHOICES, load
+from paper_data import COHORT_CHOICES, emit, load
 
 SETTINGS: dict[str, dict | None] = {
     "plain": None,
@@ -100,11 +100,7 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
         "results": rows,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from medexplain.metrics.deletion import deletion_insertion
 from medexplain.metrics.localization import auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_data import COHORT_CHOICES, load
+from paper_data import COHORT_CHOICES, emit, load
 
 SETTINGS = {
     "default": {},
@@ -126,11 +126,7 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
         "results": rows,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

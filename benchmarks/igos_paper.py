@@ -37,7 +37,7 @@ from medexplain.explain.igos import IGOSOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from igos import faithfulness
-from paper_data import COHORT_CHOICES, load
+from paper_data import COHORT_CHOICES, emit, load
 
 #: Options that only concern one of the two methods.
 ONLY = {"integrated_objective": "igos"} | {
@@ -121,11 +121,7 @@ def main(argv=None) -> dict:
         "accuracy_on_these_images": round(float(correct.float().mean()), 4),
         "results": rows,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

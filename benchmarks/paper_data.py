@@ -11,6 +11,7 @@ these settings. ``--cohort`` options of the ``*_paper.py`` scripts use it.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,15 @@ def _load_cohort(name: str, seed: int) -> PaperData:
     shape = list(bench.images.shape[1:])
     description = {"data": f"{name} cohort (2D, the demo's sizes)", "shape": shape, **training}
     return PaperData(train, val, test, model, description)
+
+
+def emit(report: dict[str, Any], out: Path | None) -> dict[str, Any]:
+    """Print ``report`` as JSON and, with ``out``, write it there too; returns it."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out is not None:
+        out.write_text(text + "\n")
+    return report
 
 
 def output_name(stem: str, cohort: str | None) -> str:

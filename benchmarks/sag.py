@@ -30,7 +30,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import BENCH2D_REDUNDANT as BENCH  # noqa: E402
 from conftest import TRAIN2D_REDUNDANT as TRAIN  # noqa: E402
 from conftest import cached_classifier  # noqa: E402
-from test_sag import two_region_roots  # noqa: E402  (the tests' check, reused)
+from test_sag import (  # noqa: E402  (the tests' checks, reused)
+    redundant_lesion_images,
+    two_region_roots,
+)
 
 
 def main() -> None:
@@ -47,14 +50,7 @@ def main() -> None:
     with torch.no_grad():
         predicted = model(test.images).argmax(1)
     parts = test.evidence_parts
-    chosen = [
-        i
-        for i in range(len(test))
-        if test.labels[i] == lesion
-        and predicted[i] == lesion
-        and parts[i, 0].any()
-        and parts[i, 1].any()
-    ]
+    chosen = redundant_lesion_images(test, predicted)
     out: dict = {"qualifying_images": len(chosen), "threshold": args.threshold}
 
     # Speed: batched versus one at a time, same images and settings (paper defaults), for

@@ -41,7 +41,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import BENCH2D_REDUNDANT as BENCH  # noqa: E402
 from conftest import TRAIN2D_REDUNDANT as TRAIN  # noqa: E402
 from conftest import cached_classifier  # noqa: E402
-from test_sag import two_region_roots  # noqa: E402  (the tests' check, reused)
+from test_sag import (  # noqa: E402  (the tests' checks, reused)
+    redundant_lesion_images,
+    two_region_roots,
+)
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from paper_data import COHORT_CHOICES, load  # noqa: E402
@@ -87,16 +90,7 @@ def choose_images(model, test, redundant: bool, limit: int) -> tuple[list[int], 
         predicted = model(test.images).argmax(1)
     has = test.evidence.flatten(1).any(1)
     if redundant:
-        lesion = test.class_names.index("lesion")
-        parts = test.evidence_parts
-        chosen = [
-            i
-            for i in range(len(test))
-            if test.labels[i] == lesion
-            and predicted[i] == lesion
-            and parts[i, 0].any()
-            and parts[i, 1].any()
-        ]
+        chosen = redundant_lesion_images(test, predicted)
     else:
         chosen = [i for i in range(len(test)) if has[i] and predicted[i] == test.labels[i]]
     chosen = chosen[:limit]

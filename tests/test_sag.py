@@ -153,15 +153,7 @@ def redundant_cases(classifier2d_redundant):
     lesion = test.class_names.index("lesion")
     with torch.no_grad():
         predicted = classifier2d_redundant(test.images).argmax(1)
-    parts = test.evidence_parts
-    chosen = [
-        i
-        for i in range(len(test))
-        if test.labels[i] == lesion
-        and predicted[i] == lesion
-        and parts[i, 0].any()
-        and parts[i, 1].any()
-    ]
+    chosen = redundant_lesion_images(test, predicted)
     in_full = [int((full.images == test.images[i]).flatten(1).all(1).nonzero()[0]) for i in chosen]
     healthy = render(sample_subjects(**full.config).select(torch.tensor(in_full)), effects=False)
     return test, chosen, healthy.images, lesion, train.mean_image()
@@ -207,6 +199,21 @@ def test_roots_are_minimal_sufficient_on_the_benchmark_classifier(
 #: many must show both regions (at least 80 %).
 N_REDUNDANT = 8
 MIN_FOUND = 7
+
+
+def redundant_lesion_images(test, predicted: torch.Tensor) -> list[int]:
+    """Indices of the ``test`` lesion images with a blob in both regions that the model
+    (``predicted`` classes ``(N,)``) calls lesion."""
+    lesion = test.class_names.index("lesion")
+    parts = test.evidence_parts
+    return [
+        i
+        for i in range(len(test))
+        if test.labels[i] == lesion
+        and predicted[i] == lesion
+        and parts[i, 0].any()
+        and parts[i, 1].any()
+    ]
 
 
 def two_region_roots(result, parts) -> bool:
