@@ -44,16 +44,17 @@ COHORT_SETTINGS: dict[str, dict[str, Any]] = {
         "n_sanity": 2,
         "warp_seconds": 360.0,
         # Diffeomorphic, a required shift of 1.5x the median |log-odds|, a stronger
-        # displacement penalty and the field on a 4x coarser grid: with the library defaults
-        # the simulator fooled the DenseNet with warps of the whole brain instead of the
-        # medial temporal lobes; a step on the 4x grid costs about a quarter of one on the 2x
-        # grid, and 3D fits are limited by their steps (benchmarks/warp_brain.py).
+        # displacement penalty and the field on a 4x coarser grid, barely smoothed:
+        # with the library defaults the simulator fooled the DenseNet with warps of the
+        # whole brain instead of the medial temporal lobes; a step on the 4x grid costs
+        # about a quarter of one on the 2x grid, and 3D fits are limited by their steps
+        # (benchmarks/warp_brain.py).
         "warp_params": {
             "diffeomorphic": True,
             "margin_fraction": 1.5,
             "magnitude_weight": 3.0,
             "field_downsample": 4,
-            "field_sigma": 1.0,
+            "field_sigma": 0.5,
         },
         "quick": {"n_images": 300, "train_seconds": 120.0, "n_explain": 24, "n_peppr": 24},
         # --dims 2, the axial slice: slices are cheap, so as many as the 2D cohorts.
