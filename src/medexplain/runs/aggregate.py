@@ -86,7 +86,7 @@ def _group_key(by: str, name: str) -> tuple[str, ...]:
     return (by, *name.split("/"))
 
 
-def _grouping(by: str | None, store: RunStore, record: dict[str, Any], log) -> str:
+def run_grouping(by: str | None, store: RunStore, record: dict[str, Any], log) -> str:
     """``by`` for the run: None picks ``label`` when some explained image has a label, else
     ``prediction`` (``log`` gets a notice); ``label`` and ``outcome`` on a run without labels
     are a RunError."""
@@ -158,6 +158,15 @@ def _write_nifti(path: Path, array: np.ndarray, grid: SharedGrid) -> None:
     atomic_write_bytes(path, nifti_bytes(array, grid.affine, grid.codes))
 
 
+def save_global(result: GlobalResult, directory: Path, grid: SharedGrid) -> None:
+    """``result``'s files in ``directory``, plus each map as NIfTI on ``grid`` for volumes
+    that share one grid (``grid.problem`` None)."""
+    result.save(directory)
+    if len(result.spatial_shape) == 3 and grid.problem is None:
+        for name, array in result.to_arrays().items():
+            _write_nifti(directory / f"{name}.nii.gz", array, grid)
+
+
 def global_run(
     run: str | Path,
     *,
@@ -188,7 +197,7 @@ def global_run(
     if mask is not None and contrast is None:
         raise RunError("--mask restricts a contrast; give --contrast A:B with it")
     store, record = open_run(run)
-    by = _grouping(by, store, record, log)
+    by = run_grouping(by, store, record, log)
     grid = shared_grid(store)
     spatial = tuple(record["spatial_shape"])
     inside = None if mask is None else load_mask(mask, spatial, grid)
@@ -204,17 +213,13 @@ def global_run(
         shutil.rmtree(directory)
     result.settings["by"] = by
     result.settings["nifti"] = len(spatial) == 3 and grid.problem is None
-    result.save(directory)
-    if len(spatial) == 3:
-        if grid.problem is None:
-            for name, array in result.to_arrays().items():
-                _write_nifti(directory / f"{name}.nii.gz", array, grid)
-        else:
-            log(
-                f"warning: global maps written as .npy only (no NIfTI): {grid.problem}; "
-                "NIfTI global maps need every image on one grid (register them first)"
-            )
-    write_xnn_global(store, record, by, normalise, transform)  # x-feature maps, for xnn runs
+    save_global(result, directory, grid)
+    if len(spatial) == 3 and grid.problem is not None:
+        log(
+            f"warning: global maps written as .npy only (no NIfTI): {grid.problem}; "
+            "NIfTI global maps need every image on one grid (register them first)"
+        )
+    write_xnn_global(store, record, by, normalise, transform, grid)  # for xnn runs
     mean = _display_mean(store)
     background = mean if mean is not None else np.zeros(result.spatial_shape)
     maps = {"/".join(key[1:]): group.mean for key, group in result.groups.items() if key[0] == by}

@@ -76,7 +76,9 @@ def _store(run: str | os.PathLike | RunStore) -> tuple[RunStore, dict[str, Any]]
     return store, record
 
 
-def _arrays(chunk: Chunk, names, store: RunStore) -> list[np.ndarray]:
+def chunk_arrays(chunk: Chunk, names, store: RunStore) -> list[np.ndarray]:
+    """The chunk's stored x-feature arrays ``names`` (an empty list for an empty chunk);
+    RunError naming the chunk when one is missing."""
     missing = [name for name in names if name not in chunk.extra]
     if len(chunk) and missing:
         raise RunError(
@@ -94,7 +96,7 @@ def xnn_table(run: str | os.PathLike | RunStore) -> dict[str, Any]:
     bias = np.asarray(record["xnn"]["bias"], dtype=np.float64)
     parts: dict[str, list] = {n: [] for n in ("index", "path", "label", "target", "c", "e")}
     for chunk in store.iter_chunks(maps=False):
-        arrays = _arrays(chunk, ARRAYS[1:], store)
+        arrays = chunk_arrays(chunk, ARRAYS[1:], store)
         if not arrays:
             continue
         for name, values in zip(
@@ -127,7 +129,7 @@ def xnn_image(run: str | os.PathLike | RunStore, index: int) -> dict[str, Any]:
         rows = np.flatnonzero(np.asarray(chunk.index) == int(index))
         if rows.size:
             j = int(rows[0])
-            fmaps, contributions, features = (a[j] for a in _arrays(chunk, ARRAYS, store))
+            fmaps, contributions, features = (a[j] for a in chunk_arrays(chunk, ARRAYS, store))
             target = int(chunk.target[j])
             return {
                 "map": chunk.maps[j],

@@ -31,13 +31,13 @@ import numpy as np
 from ..core.errors import one_line
 from ..data.readers import DataError
 from ..globalmaps import GlobalMaps, GlobalResult
-from .aggregate import add_chunk
-from .atomic import atomic_write_bytes, atomic_write_text
+from .aggregate import add_chunk, run_grouping, save_global
+from .atomic import atomic_write_text
 from .errors import RunError
-from .nifti_maps import shared_grid
+from .nifti_maps import SharedGrid
 from .settings import open_data, settings_of
 from .store import RunStore
-from .xnn_run import ARRAYS
+from .xnn_run import ARRAYS, chunk_arrays
 
 __all__ = ["N_TOP", "write_xnn_global", "xnn_global", "xnn_section"]
 
@@ -80,13 +80,7 @@ def xnn_global(
     for chunk in store.iter_chunks():
         if len(chunk) == 0:
             continue
-        missing = [name for name in ARRAYS if name not in chunk.extra]
-        if missing:
-            raise RunError(
-                f"chunk {chunk.number} of {store.root} holds no {missing[0]}; explain the run "
-                "again with --overwrite to store the x-features"
-            )
-        fmaps, e = chunk.extra["xnn_feature_maps"], chunk.extra["xnn_x_features"]
+        fmaps, _, e = chunk_arrays(chunk, ARRAYS, store)
         for j, accumulator in enumerate(accumulators):
             add_chunk(
                 accumulator, replace(chunk, maps=np.ascontiguousarray(fmaps[:, j])), multilabel
@@ -124,10 +118,16 @@ def xnn_global(
 
 
 def write_xnn_global(
-    store: RunStore, record: dict[str, Any], by: str, normalise: str, transform: str
+    store: RunStore,
+    record: dict[str, Any],
+    by: str,
+    normalise: str,
+    transform: str,
+    grid: SharedGrid,
 ) -> Path | None:
     """For an xnn run, :func:`xnn_global` written into ``RUN/global/xnn/`` (its
-    ``xnn.json``'s path); None for other methods. ``by`` ``outcome`` groups by label."""
+    ``xnn.json``'s path; NIfTI too on ``grid``, the run's :func:`shared_grid`); None for
+    other methods. ``by`` ``outcome`` groups by label."""
     if "xnn" not in record:
         return None
     by = "prediction" if by == "prediction" else "label"
@@ -135,32 +135,21 @@ def write_xnn_global(
     directory = store.root / "global" / "xnn"
     if directory.exists():
         shutil.rmtree(directory)
-    grid = shared_grid(store) if len(record["spatial_shape"]) == 3 else None
     for j, result in enumerate(results):
-        result.save(directory / f"feature_{j}")
-        if grid is not None and grid.problem is None:
-            from ..report.nifti import nifti_bytes
-
-            for name, array in result.to_arrays().items():
-                data = nifti_bytes(array, grid.affine, grid.codes)
-                atomic_write_bytes(directory / f"feature_{j}" / f"{name}.nii.gz", data)
+        save_global(result, directory / f"feature_{j}", grid)
     view["global_maps"] = [f"feature_{j}" for j in range(len(results))]
     view["settings"] = {"normalise": normalise, "transform": transform}
     return atomic_write_text(directory / "xnn.json", json.dumps(view, indent=2))
 
 
-def _options(store: RunStore) -> tuple[str, str, str]:
+def _options(store: RunStore, record: dict[str, Any]) -> tuple[str, str, str]:
     """``(by, normalise, transform)`` of ``global``'s x-feature maps when it ran, else
     label (prediction for an unlabelled run), max, abs."""
     path = store.root / "global" / "xnn" / "xnn.json"
     if path.is_file():
         view = json.loads(path.read_text())
         return view["by"], view["settings"]["normalise"], view["settings"]["transform"]
-    labelled = any(
-        len(chunk) and bool((np.asarray(chunk.label) >= 0).any())
-        for chunk in store.iter_chunks(maps=False)
-    )
-    return ("label" if labelled else "prediction"), "max", "abs"
+    return run_grouping(None, store, record, log=lambda _message: None), "max", "abs"
 
 
 def _top_images(store: RunStore, record: dict[str, Any], view: dict[str, Any], log):
@@ -196,7 +185,7 @@ def xnn_section(store: RunStore, record: dict[str, Any], figures: Path, log=prin
 
     if "xnn" not in record:
         return None
-    by, normalise, transform = _options(store)
+    by, normalise, transform = _options(store, record)
     view, results = xnn_global(store, record, by, normalise, transform)
     k = int(view["k"])
     header = ["class (" + view["by"] + ")", "images", "bias"] + [f"x{j}" for j in range(k)]
