@@ -47,7 +47,7 @@ from test_sag import (  # noqa: E402  (the tests' checks, reused)
 )
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from paper_data import COHORT_CHOICES, load  # noqa: E402
+from paper_data import COHORT_CHOICES, emit, load  # noqa: E402
 
 SETTINGS: dict[str, dict] = {
     "default": {"variant": "default"},
@@ -157,10 +157,7 @@ def main() -> None:
         }
         out["settings"][name] = row
         print(json.dumps({name: row}), file=sys.stderr, flush=True)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":
