@@ -188,22 +188,24 @@ def warp(
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
-PRESETS = ("default", "flips", "all_flips", "none")
+#: Preset name -> the transform distribution it names.
+PRESETS = {
+    "default": RandomAffine,
+    "flips": RandomAffine.flips_only,
+    "all_flips": RandomAffine.all_flips,
+    "none": RandomAffine.none,
+}
 
 
 def as_random_affine(transforms: RandomAffine | Mapping[str, Any] | str | None) -> RandomAffine:
-    """Accept a :class:`RandomAffine`, a dict of its fields, a preset name (``"default"``,
-    ``"flips"``, ``"all_flips"``, ``"none"``) or None (the default)."""
-    if transforms is None or transforms == "default":
+    """Accept a :class:`RandomAffine`, a dict of its fields, a preset name (:data:`PRESETS`:
+    ``"default"``, ``"flips"``, ``"all_flips"``, ``"none"``) or None (the default)."""
+    if transforms is None:
         return RandomAffine()
     if isinstance(transforms, RandomAffine):
         return transforms
-    if transforms == "flips":
-        return RandomAffine.flips_only()
-    if transforms == "all_flips":
-        return RandomAffine.all_flips()
-    if transforms == "none":
-        return RandomAffine.none()
+    if isinstance(transforms, str) and transforms in PRESETS:
+        return PRESETS[transforms]()
     if isinstance(transforms, Mapping):
         known = {f.name for f in fields(RandomAffine)}
         unknown = set(transforms) - known
@@ -213,7 +215,7 @@ def as_random_affine(transforms: RandomAffine | Mapping[str, Any] | str | None) 
             )
         return RandomAffine(**transforms)
     raise TypeError(
-        f"transforms must be a RandomAffine, a dict of its fields or one of {PRESETS}; "
+        f"transforms must be a RandomAffine, a dict of its fields or one of {tuple(PRESETS)}; "
         f"got {transforms!r}"
     )
 
