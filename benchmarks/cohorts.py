@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,8 @@ def measure(cohort: str, arch: str, images: int, steps: int, repeats: int) -> di
     for name, (params, passes) in methods(steps).items():
         explainer = create(name, model, batch_size=len(x), **params)
         chunk = x if passes == 1 else x[:1].expand(min(len(x), passes), *x.shape[1:])
-        bare = bare_rate(model, chunk.contiguous(), backward=True, repeats=repeats)
+        calls = math.ceil(len(x) * passes / len(chunk))
+        bare = bare_rate(model, chunk.contiguous(), True, repeats, calls)
         ips = method_rate(explainer, x, target, repeats)
         out[name] = {
             "seconds_per_image": round(1.0 / ips, 4),
@@ -136,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8, help="images per batch")
     parser.add_argument("--steps", type=int, default=16, help="IG steps / SmoothGrad samples")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cohorts", default=",".join(COHORTS))
     parser.add_argument(
         "--faithfulness", nargs="+", type=Path, help="finished cohort demo folders to tabulate"

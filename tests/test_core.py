@@ -136,6 +136,35 @@ def test_model_guard_restores_flags_and_removes_leftover_hooks():
     assert len(net.conv._forward_hooks) == 0
 
 
+def test_model_guard_restores_a_mixed_state_and_keeps_earlier_hooks_and_grads():
+    """A model half in eval mode, half frozen, with a hook of its own and a stored gradient
+    comes back exactly so; a frozen eval-mode model comes back frozen and in eval mode."""
+    net = _Net().train()
+    net.bn.eval()
+    net.conv.weight.requires_grad_(False)
+    grad = torch.ones_like(net.head.weight)
+    net.head.weight.grad = grad
+    own = net.head.register_forward_hook(lambda *args: None)
+    with model_guard(net):
+        assert not any(m.training for m in net.modules())
+        assert not any(p.requires_grad for p in net.parameters())
+        net.head.register_forward_pre_hook(lambda *args: None)
+        net.head.weight.grad = None
+    assert net.training and net.conv.training and not net.bn.training
+    assert not net.conv.weight.requires_grad and net.head.weight.requires_grad
+    assert net.head.weight.grad is grad
+    assert list(net.head._forward_hooks) == [own.id] and len(net.head._forward_pre_hooks) == 0
+
+    frozen = _Net().eval().requires_grad_(False)
+    before = {name: p.requires_grad for name, p in frozen.named_parameters()}
+    with model_guard(frozen):
+        frozen.head.register_forward_hook(lambda *args: None)
+    assert not frozen.training and before == {
+        name: p.requires_grad for name, p in frozen.named_parameters()
+    }
+    assert len(frozen.head._forward_hooks) == 0
+
+
 class _InputCopy(Explainer):
     def _attribute(self, x, targets):
         return x[:, :1]

@@ -23,12 +23,13 @@ HOOK_DICTS = (
 )
 
 
-def _hook_ids(model: nn.Module) -> dict[tuple[int, str], set[int]]:
+def _hook_ids(modules: list[nn.Module]) -> dict[tuple[int, str], set[int]]:
+    """The keys of every non-empty hook dictionary, by (module index, dictionary name)."""
     ids: dict[tuple[int, str], set[int]] = {}
-    for index, module in enumerate(model.modules()):
+    for index, module in enumerate(modules):
         for attr in HOOK_DICTS:
             hooks = getattr(module, attr, None)
-            if hooks is not None:
+            if hooks:
                 ids[(index, attr)] = set(hooks.keys())
     return ids
 
@@ -41,30 +42,38 @@ def model_guard(model: nn.Module, eval_mode: bool = True, freeze: bool = True) -
     removes any hook a library registered inside the block but failed to remove.
     Freezing the parameters means backward passes only compute input gradients (cheaper)
     and never accumulate into ``param.grad``.
+
+    Only what differs is changed, in both directions: a one-pass explainer on a small
+    network calls this once per batch, and touching every module of an already frozen
+    eval-mode model would cost as much as the network's own pass.
     """
     modules = list(model.modules())
     training_flags = [m.training for m in modules]
     params = list(model.parameters())
     requires_grad = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    hooks_before = _hook_ids(model)
+    hooks_before = _hook_ids(modules)
     try:
-        if eval_mode:
+        if eval_mode and any(training_flags):
             model.eval()
         if freeze:
-            for p in params:
-                p.requires_grad_(False)
+            for p, flag in zip(params, requires_grad):
+                if flag:
+                    p.requires_grad_(False)
         yield
     finally:
         for module, flag in zip(modules, training_flags):
-            module.training = flag
+            if module.training != flag:
+                module.training = flag
         for p, flag, grad in zip(params, requires_grad, grads):
-            p.requires_grad_(flag)
-            p.grad = grad
-        for index, module in enumerate(model.modules()):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+            if p.grad is not grad:
+                p.grad = grad
+        for index, module in enumerate(modules):
             for attr in HOOK_DICTS:
                 hooks = getattr(module, attr, None)
-                if hooks is None:
+                if not hooks:
                     continue
                 for key in set(hooks.keys()) - hooks_before.get((index, attr), set()):
                     del hooks[key]
