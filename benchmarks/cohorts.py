@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explain_throughput import bare_rate, method_rate
+from explain_throughput import paired_rates
 
 from medexplain.data.cohorts import make_brain, make_chest, make_retina
 from medexplain.explain import create
@@ -71,8 +71,9 @@ def measure(cohort: str, arch: str, images: int, steps: int, repeats: int) -> di
         explainer = create(name, model, batch_size=len(x), **params)
         chunk = x if passes == 1 else x[:1].expand(min(len(x), passes), *x.shape[1:])
         calls = math.ceil(len(x) * passes / len(chunk))
-        bare = bare_rate(model, chunk.contiguous(), True, repeats, calls)
-        ips = method_rate(explainer, x, target, repeats)
+        bare, ips = paired_rates(
+            model, chunk.contiguous(), True, calls, explainer, x, target, repeats
+        )
         out[name] = {
             "seconds_per_image": round(1.0 / ips, 4),
             "model_passes_per_image": passes,

@@ -11,6 +11,9 @@ For every method the script measures, in the same run and at the same batch size
 - ``efficiency`` = images_per_second * passes_per_image / bare_passes_per_second
   (1.0 = no time spent beyond the model's own passes).
 
+The bare passes and the method's calls are timed in alternation and each rate is its best
+round's (:func:`paired_rates`).
+
 Prints one JSON document. Usage: ``python benchmarks/explain_throughput.py [--dims 2]``.
 """
 
@@ -36,36 +39,54 @@ METHODS = {
 }
 
 
-def bare_rate(model, x, backward: bool, repeats: int, calls: int = 1) -> float:
-    """Images per second for plain forward (and backward to the input) passes on ``x``.
+def _bare_seconds(model, x, backward: bool, calls: int) -> float:
+    """Seconds for ``calls`` plain forward (and backward to the input) passes on ``x``."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        inputs = x.clone().requires_grad_(backward)
+        out = model(inputs)
+        if backward:
+            torch.autograd.grad(out[:, 0].sum(), inputs)
+    return time.perf_counter() - start
 
-    One timed repeat makes ``calls`` passes (as many as the method makes for one call, so
-    that both timings average over the same number of passes); the rate is the best of
-    ``repeats`` after one untimed warm-up repeat.
+
+def _method_seconds(explainer, x, target) -> float:
+    """Seconds for one call ``explainer(x, target)``."""
+    start = time.perf_counter()
+    explainer(x, target)
+    return time.perf_counter() - start
+
+
+def paired_rates(
+    model,
+    chunk,
+    backward: bool,
+    calls: int,
+    explainer,
+    x,
+    target,
+    repeats: int,
+    min_seconds: float = 1.0,
+) -> tuple[float, float]:
+    """Images per second of the bare model and of the method, timed in alternation.
+
+    One round times ``calls`` bare passes on ``chunk`` (as many passes as the method makes
+    for one call on ``x``, so both average over the same work) and then one method call;
+    rounds repeat at least ``repeats`` times and until the method's timed calls add up to
+    ``min_seconds``, after one untimed warm-up round. Each rate is the best round's.
+    Alternating keeps a change in the machine's load from landing on one side only: a
+    millisecond-long call timed in a separate block swung its ratio by 30%.
     """
-    best = math.inf
-    for repeat in range(repeats + 1):
-        start = time.perf_counter()
-        for _ in range(calls):
-            inputs = x.clone().requires_grad_(backward)
-            out = model(inputs)
-            if backward:
-                torch.autograd.grad(out[:, 0].sum(), inputs)
-        if repeat:
-            best = min(best, time.perf_counter() - start)
-    return calls * len(x) / best
-
-
-def method_rate(explainer, x, target, repeats: int) -> float:
-    """Images per second of ``explainer(x, target)``: the best of ``repeats`` timed calls
-    after one untimed warm-up call."""
-    best = math.inf
-    for repeat in range(repeats + 1):
-        start = time.perf_counter()
-        explainer(x, target)
-        if repeat:
-            best = min(best, time.perf_counter() - start)
-    return len(x) / best
+    best_bare = best_method = math.inf
+    spent, rounds = 0.0, 0
+    while rounds <= repeats or spent < min_seconds:
+        bare = _bare_seconds(model, chunk, backward, calls)
+        method = _method_seconds(explainer, x, target)
+        if rounds:
+            best_bare, best_method = min(best_bare, bare), min(best_method, method)
+            spent += method
+        rounds += 1
+    return calls * len(chunk) / best_bare, len(x) / best_method
 
 
 def main() -> None:
@@ -89,8 +110,9 @@ def main() -> None:
         chunk = x if n_passes == 1 else x[:1].expand(min(args.batch_size, n_passes), *x.shape[1:])
         chunk = chunk.contiguous()
         calls = math.ceil(args.batch_size * n_passes / len(chunk))
-        bare = bare_rate(model, chunk, kind == "backward", args.repeats, calls)
-        ips = method_rate(explainer, x, target, args.repeats)
+        bare, ips = paired_rates(
+            model, chunk, kind == "backward", calls, explainer, x, target, args.repeats
+        )
         results[name] = {
             "images_per_second": round(ips, 2),
             "model_passes_per_image": n_passes,
