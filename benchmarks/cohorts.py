@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -69,11 +68,7 @@ def measure(cohort: str, arch: str, images: int, steps: int, repeats: int) -> di
     out = {}
     for name, (params, passes) in methods(steps).items():
         explainer = create(name, model, batch_size=len(x), **params)
-        chunk = x if passes == 1 else x[:1].expand(min(len(x), passes), *x.shape[1:])
-        calls = math.ceil(len(x) * passes / len(chunk))
-        bare, ips = paired_rates(
-            model, chunk.contiguous(), True, calls, explainer, x, target, repeats
-        )
+        bare, ips = paired_rates(model, explainer, x, target, passes, repeats)
         out[name] = {
             "seconds_per_image": round(1.0 / ips, 4),
             "model_passes_per_image": passes,

@@ -59,24 +59,28 @@ def _method_seconds(explainer, x, target) -> float:
 
 def paired_rates(
     model,
-    chunk,
-    backward: bool,
-    calls: int,
     explainer,
     x,
     target,
+    passes: int,
     repeats: int,
+    backward: bool = True,
     min_seconds: float = 1.0,
 ) -> tuple[float, float]:
-    """Images per second of the bare model and of the method, timed in alternation.
+    """Images per second of the bare model and of the method on ``x``, timed in alternation.
 
-    One round times ``calls`` bare passes on ``chunk`` (as many passes as the method makes
-    for one call on ``x``, so both average over the same work) and then one method call;
-    rounds repeat at least ``repeats`` times and until the method's timed calls add up to
-    ``min_seconds``, after one untimed warm-up round. Each rate is the best round's.
-    Alternating keeps a change in the machine's load from landing on one side only: a
-    millisecond-long call timed in a separate block swung its ratio by 30%.
+    ``passes`` is the model passes the method makes per image. The bare reference carries
+    the same number of images per pass as the method does (the batch for one-pass methods,
+    one image repeated ``min(len(x), passes)`` times otherwise) and makes as many passes as
+    one method call, so both average over the same work. One round times the bare passes,
+    then one method call; rounds repeat at least ``repeats`` times and until the method's
+    timed calls add up to ``min_seconds``, after one untimed warm-up round. Each rate is the
+    best round's. Alternating keeps a change in the machine's load from landing on one side
+    only, which matters most for calls of a millisecond.
     """
+    chunk = x if passes == 1 else x[:1].expand(min(len(x), passes), *x.shape[1:])
+    chunk = chunk.contiguous()
+    calls = math.ceil(len(x) * passes / len(chunk))
     best_bare = best_method = math.inf
     spent, rounds = 0.0, 0
     while rounds <= repeats or spent < min_seconds:
@@ -106,12 +110,8 @@ def main() -> None:
     for name, (params, kind, passes) in METHODS.items():
         explainer = create(name, model, batch_size=args.batch_size, **params)
         n_passes = passes(size, args.dims)
-        # The bare reference carries the same number of images per pass as the method does.
-        chunk = x if n_passes == 1 else x[:1].expand(min(args.batch_size, n_passes), *x.shape[1:])
-        chunk = chunk.contiguous()
-        calls = math.ceil(args.batch_size * n_passes / len(chunk))
         bare, ips = paired_rates(
-            model, chunk, kind == "backward", calls, explainer, x, target, args.repeats
+            model, explainer, x, target, n_passes, args.repeats, kind == "backward"
         )
         results[name] = {
             "images_per_second": round(ips, 2),

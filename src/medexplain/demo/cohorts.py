@@ -35,9 +35,9 @@ COHORT_SETTINGS: dict[str, dict[str, Any]] = {
         "arch": "densenet",
         "shortcut": 0.0,
         "train_epochs": 60,
-        # At the default 3e-3 the volumes' atrophy-vs-healthy split is learnt late (epoch
-        # 40-46) or, on some floating-point paths, not at all (test AUC 0.83 with two
-        # threads, 0.99 with one, same seed); at 1e-3 every run tried reached 0.97-0.99.
+        # At the default 3e-3 the volumes' atrophy-vs-healthy split is learnt late or, on
+        # some floating-point paths, not at all; 1e-3 learns it on every path tried
+        # (benchmarks/results/README.md, cohorts_faithfulness_brain3d.json).
         "train_lr": 1e-3,
         "train_seconds": 240.0,
         "train_patience": 15,
