@@ -11,6 +11,8 @@ nib = pytest.importorskip("nibabel")
 
 from medexplain.data.cohorts import brain  # noqa: E402
 from medexplain.data.cohorts.brain import make_brain, save_cohort_nifti  # noqa: E402
+from medexplain.data.cohorts.brain_warps import atrophy_warps  # noqa: E402
+from medexplain.explain.generative.spatial_transform import warp  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +34,13 @@ def _voxel_world(cohort) -> np.ndarray:
     return index @ cohort.affine[:3, :3].T + cohort.affine[:3, 3]
 
 
-def _numpy_atrophy_displacement(cohort, i: int) -> np.ndarray:
+def _numpy_atrophy_displacement(cohort, i: int, world: np.ndarray | None = None) -> np.ndarray:
     """The documented pull-back displacement ``a (1 - r^2)^3 (p - c)`` (mm), ``(*S, d)``,
-    rebuilt with numpy from the config and the subject's amplitudes."""
+    rebuilt with numpy from the config and the subject's amplitudes, at the voxels (or at
+    the world points ``world`` ``(*S, d)`` mm)."""
     dims = cohort.config["dims"]
-    world = _voxel_world(cohort)[..., :dims]
+    if world is None:
+        world = _voxel_world(cohort)[..., :dims]
     radii = np.asarray(cohort.config["atrophy_radii_mm"])[:dims]
     out = np.zeros_like(world)
     for side, centre in enumerate(cohort.config["atrophy_centres_mm"]):
@@ -247,6 +251,51 @@ def test_two_dimensional_slice_through_the_hippocampi():
             reference = _finite_difference_jacobian(_numpy_atrophy_displacement(c, k), spacing)
             assert (jac[radius < 0.4] < 1).all() and (reference[radius < 0.4] < 1).all()
             assert np.abs(jac[radius > 1.25] - 1).max() < 1e-3
+
+
+def _to_mm(cohort, displacement: torch.Tensor) -> np.ndarray:
+    """A voxel displacement ``(d, *S)`` as world mm ``(*S, d)`` through the affine."""
+    linear = cohort.affine[: displacement.shape[0], : displacement.shape[0]]
+    return np.moveaxis(displacement.numpy().astype(np.float64), 0, -1) @ linear.T
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_atrophy_warps_are_the_documented_map_and_its_inverse(dims, cohort3d):
+    c = cohort3d if dims == 3 else make_brain(9, seed=4, dims=2)
+    injection, removal = atrophy_warps(c)
+    world = _voxel_world(c)[..., :dims]
+    atrophy = (c.labels == 1).nonzero().flatten().tolist()
+    assert atrophy
+    for i in atrophy:
+        documented = _numpy_atrophy_displacement(c, i)
+        assert np.abs(_to_mm(c, injection[i]) - documented).max() < 1e-4
+        # removal undoes psi: psi(q + r(q)) = q, psi from the documented formula
+        pre_image = world + _to_mm(c, removal[i])
+        moved = pre_image + _numpy_atrophy_displacement(c, i, pre_image)
+        assert np.abs(moved - world).max() < 1e-3
+        assert np.abs(_to_mm(c, removal[i])).max() > 1.0  # a real move, in mm
+    others = c.labels != 1
+    assert (injection[others] == 0).all() and (removal[others] == 0).all()
+
+
+def test_atrophy_warps_turn_each_subject_into_its_counterfactual(cohort3d, healthy3d):
+    """On the voxel grid the exact warps bring each image closer to the other one, and the
+    reversed warps take it further away: the maps point the right way, with the right
+    sign, in the spatial transformer's convention."""
+    injection, removal = atrophy_warps(cohort3d)
+    for i in (cohort3d.labels == 1).nonzero().flatten().tolist():
+        x, h = cohort3d.images[i : i + 1], healthy3d.images[i : i + 1]
+        inject, remove = injection[i : i + 1], removal[i : i + 1]
+
+        def error(a, b):
+            return float(((a - b) ** 2).sum())
+
+        before = error(x, h)
+        assert error(warp(h, inject), x) < before < error(warp(h, -inject), x)
+        assert error(warp(x, remove), h) < before < error(warp(x, -remove), h)
+        # nothing moves outside the ellipsoids
+        still = (inject == 0).all(1, keepdim=True) & (remove == 0).all(1, keepdim=True)
+        assert float((warp(h, inject) - h)[still].abs().max()) < 1e-5
 
 
 def test_nifti_carries_the_mni_affine(tmp_path, cohort3d):
