@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from medexplain.cli import parse_params
+from medexplain.core.spatial import interpolation_mode
 from medexplain.data.cohorts import make_brain
 from medexplain.data.cohorts.brain_warps import atrophy_warps
 from medexplain.demo.prepare import generate_data, train_model
 from medexplain.demo.settings import DemoSettings
 from medexplain.demo.state import DemoState
-from medexplain.demo.warp import WARP_CLASS, run_warp_section
-from medexplain.explain.batch import predicted_classes
+from medexplain.demo.warp import WARP_CLASS, run_warp_section, scored_indices
 from medexplain.explain.generative.spatial_transform import warp
 from medexplain.explain.generative.warp_network import DEFAULT_FIELD_DOWNSAMPLE
 from medexplain.explain.generative.warp_training import class_log_odds
@@ -81,7 +81,7 @@ def _on_field_grid(displacement: torch.Tensor, downsample: int) -> torch.Tensor:
     resampled to ``S`` (voxel units cancel both ways)."""
     spatial = tuple(displacement.shape[2:])
     coarse = tuple((n - 1) // downsample + 1 for n in spatial)
-    mode = "trilinear" if len(spatial) == 3 else "bilinear"
+    mode = interpolation_mode(len(spatial))
     low = F.interpolate(displacement, size=coarse, mode=mode, align_corners=True)
     return F.interpolate(low, size=spatial, mode=mode, align_corners=True)
 
@@ -96,8 +96,7 @@ def anatomy_shifts(state: DemoState, n_images: int, downsamples: set[int]) -> di
     healthy = healthy.split(seed=state.settings.seed)[2]
     test, model = state.test, state.model
     cls = list(test.class_names).index(WARP_CLASS)
-    correct = predicted_classes(model, test.images) == test.labels
-    index = (correct & (test.labels == cls)).nonzero().flatten()[:n_images]
+    index = scored_indices(model, test, n_images)["removal"]
     x, h = test.images[index], healthy.images[index]
     injection, removal = atrophy_warps(test.subset(index))
     target = torch.full((len(index),), cls)

@@ -40,6 +40,18 @@ def _slice_through(region: torch.Tensor) -> int | None:
     return int(region.flatten(1).sum(1).argmax())
 
 
+def scored_indices(model: nn.Module, test: DemoData, n_images: int) -> dict[str, torch.Tensor]:
+    """Indices into ``test`` of the images a fitted simulator is scored on: the first
+    ``n_images`` correctly classified atrophy images (``"removal"``) and healthy images
+    (``"injection"``)."""
+    names = list(test.class_names)
+    correct = predicted_classes(model, test.images) == test.labels
+    return {
+        name: (correct & (test.labels == names.index(label))).nonzero().flatten()[:n_images]
+        for name, label in (("removal", WARP_CLASS), ("injection", HEALTHY_CLASS))
+    }
+
+
 def run_warp_section(
     model: nn.Module,
     train: DemoData,
@@ -92,14 +104,8 @@ def run_warp_section(
         },
     }
 
-    correct = predicted_classes(model, test.images) == test.labels
-    healthy = names.index(HEALTHY_CLASS)
-    parts = {
-        "removal": test.subset((correct & (test.labels == cls)).nonzero().flatten()[:n_images]),
-        "injection": test.subset(
-            (correct & (test.labels == healthy)).nonzero().flatten()[:n_images]
-        ),
-    }
+    scored = scored_indices(model, test, n_images)
+    parts = {name: test.subset(index) for name, index in scored.items()}
     region = test.regions[WARP_CLASS]
     removal, injection = parts["removal"], parts["injection"]
     entry["scores"] = evaluate_warp_simulator(

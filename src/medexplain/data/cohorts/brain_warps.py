@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .base import Cohort
-from .brain import _bump
+from .brain import _bump, atrophy_displacement
 from .mni import world_points
 
 #: Convergence of the inverse, in mm (the grid is millimetres to centimetres).
@@ -73,15 +73,11 @@ def atrophy_warps(cohort: Cohort) -> tuple[torch.Tensor, torch.Tensor]:
     removal = torch.zeros_like(injection)
     for side, centre_mm in enumerate(config["atrophy_centres_mm"]):
         centre = torch.tensor(centre_mm[:dims], dtype=points.dtype)
-        s, g = _bump(points, centre, radii)
+        s, _ = _bump(points, centre, radii)
         index = torch.nonzero(s < 1.0).flatten()
         a = amplitude[:, side].to(torch.float64)
         q = points[index].to(torch.float64)
-        injection[:, index] += (
-            a.view(-1, 1, 1)
-            * g[index].to(torch.float64)[None, :, None]
-            * (q - centre.to(torch.float64))
-        )
+        injection[:, index] += atrophy_displacement(q, centre.to(q.dtype), radii.to(q.dtype), a)
         removal[:, index] += _inverse(points[index], centre, radii, a) - q[None]
     # mm -> voxels: world = A @ index + t, so a world displacement is A @ (index displacement)
     to_voxels = torch.from_numpy(np.linalg.inv(np.asarray(cohort.affine)[:dims, :dims]))
